@@ -1,0 +1,66 @@
+r"""The six Tiny ImageNet experiments: ViT / DiffViT at 10M, 20M, 30M parameters.
+
+  --config configs/tiny_imagenet.py:<arch>_<size>[,<protocol>]
+
+arch: vit | diffvit | diffvit2;  size: 10m | 20m | 30m;  protocol: v2 (default) | seed.
+
+`seed` is the published study as its code should have run it (with the batch
+sizes it really used: 512 and 256 per GPU on 4 GPUs are global 2048 and 1024,
+and its documented 500 warmup steps actually applied). `v2` follows the advice
+the study's author received (96x96 input, patch 4, LayerNorm, attention
+biases) with a modern small-data recipe. Within a protocol, both architectures
+share every setting except `model.arch`.
+"""
+
+from diffvit_jax import config_lib
+
+TRAIN_EXAMPLES = 100_000
+PROTOCOLS = ("v2", "seed")
+
+
+def parse_arg(arg: str) -> tuple[str, str, str]:
+  name, _, protocol = arg.partition(",")
+  arch, _, size = name.partition("_")
+  protocol = protocol or "v2"
+  if arch not in config_lib.ARCHS or size not in config_lib.MODEL_SIZES or protocol not in PROTOCOLS:
+    raise ValueError(
+        f"Bad config argument {arg!r}: expected <arch>_<size>[,<protocol>] with arch in "
+        f"{config_lib.ARCHS}, size in {tuple(config_lib.MODEL_SIZES)}, protocol in {PROTOCOLS}, "
+        "e.g. 'vit_10m' or 'diffvit_30m,seed'.")
+  return arch, size, protocol
+
+
+def get_config(arg: str = "vit_10m"):
+  arch, size, protocol = parse_arg(arg)
+  config = config_lib.base_config()
+  config.name = f"{arch}_{size},{protocol}"
+  config.protocol = protocol
+  config.model = config_lib.model_config(arch=arch, num_classes=200, **config_lib.MODEL_SIZES[size])
+  config.data.source = "tiny_imagenet"
+  config.train.num_epochs = 50.0
+  config.train.eval_every = 500
+  config.train.checkpoint_every = 500
+
+  if protocol == "seed":
+    config.data.image_size = 64
+    config.model.update(patch_size=8, pool="cls", posemb="learn", norm="rmsnorm",
+                        attn_bias=False, diff_head_norm="rmsnorm", dropout=0.1)
+    config.train.update(
+        batch_size=2048 if size == "10m" else 1024,
+        learning_rate=1e-4, warmup_steps=500, schedule="cosine",
+        weight_decay=1e-2, weight_decay_mask="all")
+    # No augmentation, no label smoothing, no mixing: the study had none.
+  else:
+    config.data.update(image_size=96, crop="random_resized", crop_scale_min=0.35, flip=True,
+                       randaugment_layers=2, randaugment_magnitude=9, num_workers=8)
+    config.model.update(patch_size=4, pool="gap", posemb="learn", norm="layernorm",
+                        attn_bias=True, diff_head_norm="rmsnorm", dropout=0.0,
+                        stoch_depth=0.1)
+    batch = 512
+    config.train.update(
+        batch_size=batch, learning_rate=1e-3, schedule="cosine",
+        warmup_steps=5 * TRAIN_EXAMPLES // batch,  # 5 epochs
+        weight_decay=0.05, weight_decay_mask="matrices", grad_clip=1.0,
+        label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0)
+  return config
+

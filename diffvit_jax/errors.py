@@ -1,0 +1,30 @@
+"""Errors that reach the user as one clear paragraph and a non-zero exit.
+
+Raise these (not bare exceptions) for anything a user can fix: a bad config
+value, a missing data set, a checkpoint from another config. Entry points
+catch `UserError`, print its message without a traceback and exit non-zero.
+"""
+
+
+class UserError(Exception):
+  """Something the user can fix; the message says what and how."""
+
+  exit_code = 2
+
+
+class ConfigError(UserError):
+  """A config value is invalid or inconsistent; the message names the field."""
+
+
+class DataError(UserError):
+  """A data set is missing, unreadable or does not match the config."""
+
+
+class CheckpointError(UserError):
+  """A checkpoint cannot be used for this run (other config, corrupt files)."""
+
+
+class DivergenceError(UserError):
+  """Training produced a non-finite loss or gradient norm."""
+
+  exit_code = 3
