@@ -1,0 +1,144 @@
+"""Checkpoints: train state, input-iterator state and the run's identity, together.
+
+Orbax writes each checkpoint to a temporary directory and renames it when
+complete, so a save killed half-way is never listed and never loaded. The
+model part of the config is stored beside the state; a workdir whose
+checkpoints belong to another model is refused with the difference named,
+instead of being loaded into the wrong shapes.
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from diffvit_jax.errors import CheckpointError
+
+# Config fields that change the parameter tree or what the numbers mean.
+IDENTITY_FIELDS = {
+    "model": ("arch", "width", "depth", "num_heads", "mlp_dim", "patch_size", "pool", "posemb",
+              "norm", "attn_bias", "diff_head_norm", "num_classes"),
+    "data": ("source", "image_size"),
+}
+
+
+def run_identity(config) -> dict[str, Any]:
+  return {f"{section}.{name}": config[section][name]
+          for section, names in IDENTITY_FIELDS.items() for name in names}
+
+
+def _encode_iterator_state(state) -> dict:
+  # grain's DataLoader iterators give bytes (JSON), dataset iterators a dict.
+  if isinstance(state, bytes):
+    return {"grain_bytes": state.decode()}
+  return {"grain_dict": state}
+
+
+def decode_iterator_state(encoded: dict):
+  if "grain_bytes" in encoded:
+    return encoded["grain_bytes"].encode()
+  return encoded["grain_dict"]
+
+
+class Checkpointer:
+  """Latest-K checkpoints in `<workdir>/checkpoints`, the best one in `<workdir>/best`."""
+
+  def __init__(self, workdir: str, config):
+    self._identity = run_identity(config)
+    self._config_json = config.to_json_best_effort()
+    root = os.path.abspath(workdir)
+    self.latest = ocp.CheckpointManager(
+        os.path.join(root, "checkpoints"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=config.train.keep_checkpoints, create=True,
+            enable_async_checkpointing=True))
+    self.best = ocp.CheckpointManager(
+        os.path.join(root, "best"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, best_fn=lambda m: m["top1"], best_mode="max",
+            enable_async_checkpointing=True))
+
+  def latest_step(self) -> int | None:
+    return self.latest.latest_step()
+
+  def _check_identity(self, manager, step):
+    saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    saved_identity = saved.get("identity", {})
+    diffs = [f"{k}: checkpoint has {saved_identity.get(k)!r}, config has {v!r}"
+             for k, v in self._identity.items() if saved_identity.get(k) != v]
+    if diffs:
+      raise CheckpointError(
+          f"The checkpoints in {manager.directory} belong to a different run "
+          f"({'; '.join(diffs)}). Refusing to load them into this model. Use a new --workdir, "
+          "or restore the original config to resume that run.")
+
+  def save(self, step: int, state, iterator_state, *, force: bool = False) -> None:
+    self.latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(_encode_iterator_state(iterator_state)),
+        meta=ocp.args.JsonSave({"identity": self._identity, "step": step,
+                                "config": json.loads(self._config_json)})), force=force)
+
+  def save_best(self, step: int, state, eval_metrics: dict[str, float]) -> None:
+    self.best.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave({"identity": self._identity, "step": step,
+                                "metrics": eval_metrics})),
+        metrics={k: float(v) for k, v in eval_metrics.items()})
+
+  def restore(self, state_template, step: int | None = None, *, best: bool = False):
+    """Restores (state, iterator_state) of `step` (default: the latest complete one)."""
+    manager = self.best if best else self.latest
+    step = manager.latest_step() if step is None else step
+    if best:
+      step = manager.best_step()
+    if step is None:
+      raise CheckpointError(f"No checkpoint in {manager.directory}.")
+    self._check_identity(manager, step)
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_template)
+    items = {"state": ocp.args.StandardRestore(abstract)}
+    if not best:
+      items["data"] = ocp.args.JsonRestore()
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise CheckpointError(
+          f"Checkpoint {step} in {manager.directory} cannot be restored into this model "
+          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from e
+    iterator_state = None if best else decode_iterator_state(restored["data"])
+    return restored["state"], iterator_state, step
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()
+
+
+def load_for_inference(workdir: str, *, best: bool = False):
+  """(params, config dict, step) of a run's latest (or best) checkpoint, no template needed.
+
+  For the analysis tools (predict, attention maps, corrupted evaluation),
+  which need the parameters and the config but not the optimizer state.
+  """
+  import ml_collections
+
+  sub = "best" if best else "checkpoints"
+  directory = os.path.join(os.path.abspath(workdir), sub)
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"No checkpoints under {directory}: is {workdir!r} a training workdir?")
+  manager = ocp.CheckpointManager(directory)
+  step = manager.latest_step()
+  if step is None:
+    raise CheckpointError(f"No complete checkpoint under {directory}.")
+  latest_meta_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  meta_manager = manager if not best else ocp.CheckpointManager(latest_meta_dir)
+  meta_step = step if not best else meta_manager.latest_step()
+  meta = meta_manager.restore(meta_step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  config = ml_collections.ConfigDict(meta["meta"]["config"])
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return restored["state"]["params"], config, step

@@ -1,0 +1,70 @@
+r"""Entry point: train or evaluate one model.
+
+  python -m diffvit_jax.main --config configs/tiny_imagenet.py:diffvit_10m --workdir runs/x
+  python -m diffvit_jax.main --config configs/digits.py:vit --workdir runs/d \
+      --config.train.steps=100
+  python -m diffvit_jax.main --config ... --workdir runs/x --mode eval
+
+Training resumes from the latest checkpoint in --workdir. Anything the user
+can fix (config, data, checkpoints) ends with one paragraph on stderr and a
+non-zero exit, never a traceback; SIGTERM/SIGINT save a checkpoint first.
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from diffvit_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py:vit.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and logs.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do with the run in --workdir.")
+flags.DEFINE_bool("best", False, "--mode eval: use the best checkpoint instead of the latest.")
+
+
+def _run(config, workdir: str, mode: str) -> dict:
+  # Imported here so that a bad flag is reported before JAX/TF start up.
+  from diffvit_jax import config_lib, train
+
+  config_lib.validate(config, workdir=workdir, mode=mode)
+  if config.train.distributed:
+    import jax
+
+    jax.distributed.initialize()
+  if mode == "train":
+    return train.train_and_evaluate(config, workdir)
+  return train.evaluate_checkpoint(config, workdir, best=FLAGS.best)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  from diffvit_jax.train import Preempted
+
+  logging.set_verbosity(logging.INFO)
+  try:
+    result = _run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  except Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(e.exit_code)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+  print(json.dumps({"mode": FLAGS.mode, "workdir": FLAGS.workdir, **result}))
+
+
+def run():
+  flags.mark_flags_as_required(["config", "workdir"])
+  try:
+    app.run(main)
+  except UserError as e:  # Raised while the config file itself was being loaded.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+  run()

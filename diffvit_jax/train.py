@@ -1,0 +1,293 @@
+"""The training loop: side effects (data, logging, checkpoints, signals) around the pure step.
+
+Data flows one way: grain host batches -> globally sharded batches on a 1-D
+`data` mesh -> the jitted train step -> CLU metrics and orbax checkpoints.
+"""
+
+import collections
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+
+from diffvit_jax import checkpointing, models, optim, steps
+from diffvit_jax.data import input_pipeline, sharding
+from diffvit_jax.errors import ConfigError, DivergenceError
+
+RUN_INFO = "run_info.json"
+
+
+def total_train_steps(train_config, num_train_examples: int) -> int:
+  """`train.steps` when set, else enough steps for `train.num_epochs` epochs."""
+  if train_config.steps and train_config.steps > 0:
+    return int(train_config.steps)
+  if train_config.num_epochs and train_config.num_epochs > 0:
+    return int(math.ceil(train_config.num_epochs * num_train_examples / train_config.batch_size))
+  raise ConfigError("Neither config.train.steps nor config.train.num_epochs is set (> 0): "
+                    "say how long to train, e.g. --config.train.num_epochs=50.")
+
+
+class PreemptionGuard:
+  """Turns SIGTERM / SIGINT into a flag the loop checks between steps.
+
+  A single-process job gets no preemption notice from orbax, so the loop
+  saves a checkpoint at the current step itself and exits; rerunning the
+  command resumes there.
+  """
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal_name is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # A second Ctrl-C means now.
+    self.signal_name = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  @property
+  def exit_code(self) -> int:
+    return 128 + getattr(signal, self.signal_name).value
+
+
+class Preempted(Exception):
+  """Training stopped on a signal after saving a checkpoint."""
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code
+
+
+def _device_batches(train_iter, mesh, depth: int):
+  """Sharded batches, each with the iterator state right after it was drawn.
+
+  Prefetching reads ahead of the step, so the iterator's live state is ahead
+  of training; the state saved with a checkpoint must be the one that goes
+  with the last batch the step consumed, or a resumed run would skip batches.
+  """
+  queue = collections.deque()
+
+  def pull():
+    host_batch = next(train_iter)
+    queue.append((sharding.shard_batch(host_batch, mesh), train_iter.get_state()))
+
+  for _ in range(max(depth, 1)):
+    pull()
+  while True:
+    yield queue.popleft()
+    pull()
+
+
+def evaluate(eval_step, state, config, mesh, *, corruption: str = "", severity: int = 0):
+  """Loss, top-1 and top-5 over every example of the evaluation split."""
+  collected = None
+  for host_batch in input_pipeline.create_eval_iterator(
+      config.data, global_batch_size=config.train.eval_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      corruption=corruption, severity=severity):
+    batch_metrics = eval_step(state, sharding.shard_batch(host_batch, mesh))
+    collected = batch_metrics if collected is None else collected.merge(batch_metrics)
+  return {k: float(v) for k, v in collected.compute().items()}
+
+
+def _flat_hparams(config) -> dict:
+  flat = {}
+
+  def walk(prefix, node):
+    for key, value in node.items():
+      name = f"{prefix}{key}"
+      if isinstance(value, ml_collections.ConfigDict):
+        walk(name + ".", value)
+      elif isinstance(value, (int, float, str, bool)):
+        flat[name] = value
+      else:
+        flat[name] = str(value)
+
+  walk("", config)
+  return flat
+
+
+def _write_run_info(workdir: str, info: dict) -> None:
+  path = os.path.join(workdir, RUN_INFO)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(info, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)  # Never a half-written file, even if killed here.
+
+
+def _read_run_info(workdir: str) -> dict:
+  try:
+    with open(os.path.join(workdir, RUN_INFO)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def setup(config, workdir: str):
+  """Everything a run needs before its first step (shared with `eval` mode)."""
+  mesh = sharding.make_mesh()
+  info = input_pipeline.get_dataset_info(config.data)
+  if info.num_classes != config.model.num_classes:
+    raise ConfigError(
+        f"config.model.num_classes={config.model.num_classes} but the data source "
+        f"{config.data.source!r} has {info.num_classes} classes.")
+  total_steps = total_train_steps(config.train, info.num_train)
+  model = models.build_model(config.model)
+  tx = optim.create_optimizer(config.train, total_steps)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = jax.jit(
+      lambda rng: steps.create_train_state(rng, model, config.data.image_size, tx),
+      out_shardings=replicated)(jax.random.PRNGKey(config.train.seed))
+  train_step, eval_step = steps.jit_steps(config, mesh, total_steps)
+  ckpt = checkpointing.Checkpointer(workdir, config)
+  return mesh, info, total_steps, state, train_step, eval_step, ckpt
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains (resuming from the latest checkpoint in `workdir`) and returns final eval metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh, info, total_steps, state, train_step, eval_step, ckpt = setup(config, workdir)
+  is_chief = jax.process_index() == 0
+  train_iter = input_pipeline.create_train_iterator(
+      config.data, global_batch_size=config.train.batch_size, seed=config.train.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+  start_step = 0
+  if ckpt.latest_step() is not None:
+    state, iterator_state, start_step = ckpt.restore(state)
+    train_iter.set_state(iterator_state)
+    logging.info("Resumed from the checkpoint at step %d in %s.", start_step, workdir)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
+  run_info = _read_run_info(workdir)
+  run_info.update(
+      name=config.name or f"{config.model.arch}", arch=config.model.arch,
+      protocol=config.protocol, params=num_params, seed=config.train.seed,
+      batch_size=config.train.batch_size, total_steps=total_steps,
+      num_train=info.num_train, num_eval=info.num_eval,
+      steps_per_epoch=info.num_train / config.train.batch_size,
+      config=json.loads(config.to_json_best_effort()))
+  run_info.setdefault("train_seconds", 0.0)
+  if start_step == 0:
+    writer.write_hparams(_flat_hparams(config))
+    parameter_overview.log_parameter_overview(state.params)
+  logging.info("%s: %d parameters, %d steps of global batch %d (%.1f epochs of %d), "
+               "%d device(s).", run_info["name"], num_params, total_steps,
+               config.train.batch_size, total_steps * config.train.batch_size / info.num_train,
+               info.num_train, jax.device_count())
+
+  hooks = [periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=writer, every_steps=config.train.log_every,
+      every_secs=None)]
+  if config.train.profile and is_chief:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
+
+  batches = _device_batches(train_iter, mesh, config.data.prefetch)
+  best_top1 = run_info.get("best_top1", -1.0)
+  train_metrics = None
+  iterator_state = train_iter.get_state()
+  eval_metrics = run_info.get("final_eval", {})
+  window_start, window_steps = time.monotonic(), 0
+  session_start = time.monotonic()
+
+  def save(step):
+    ckpt.save(step, state, iterator_state, force=True)
+
+  with PreemptionGuard() as guard, metric_writers.ensure_flushes(writer):
+    step = start_step
+    while step < total_steps:
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch, iterator_state = next(batches)
+        state, step_metrics = train_step(state, batch)
+      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+      step += 1
+      window_steps += 1
+      for hook in hooks:
+        hook(step)
+
+      is_last = step == total_steps
+      if step % config.train.log_every == 0 or is_last:
+        summary = train_metrics.compute()
+        bad = summary.pop("nonfinite")
+        if min(bad.values()) < np.iinfo(np.int32).max:
+          which = min(bad, key=bad.get)
+          if config.train.on_nonfinite == "stop":
+            ckpt.wait()
+            raise DivergenceError(
+                f"Training diverged: the {which.replace('_', ' ')} was not finite at step "
+                f"{bad[which]} (learning rate {summary['learning_rate']:.3g}). The update was "
+                f"not applied; the last good checkpoint is step {ckpt.latest_step()} in "
+                f"{workdir}. Lower config.train.learning_rate, set config.train.grad_clip, or "
+                "set config.train.on_nonfinite='skip' to skip such steps.")
+          logging.warning("Skipped non-finite steps (first at %d).", bad[which])
+        elapsed = time.monotonic() - window_start
+        scalars = {f"train/{k}": float(v) for k, v in summary.items()}
+        scalars["train/epoch"] = step * config.train.batch_size / info.num_train
+        scalars["train/images_per_sec"] = window_steps * config.train.batch_size / elapsed
+        lambdas = models.lambda_per_layer(state.params, config.model)
+        if lambdas is not None:
+          scalars.update({f"lambda/layer_{i + 1}": float(v) for i, v in enumerate(lambdas)})
+        writer.write_scalars(step, scalars)
+        run_info["images_per_sec"] = scalars["train/images_per_sec"]
+        train_metrics, window_start, window_steps = None, time.monotonic(), 0
+
+      if step % config.train.eval_every == 0 or is_last:
+        eval_metrics = evaluate(eval_step, state, config, mesh)
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        if eval_metrics["top1"] > best_top1:
+          best_top1 = eval_metrics["top1"]
+          ckpt.save_best(step, state, eval_metrics)
+        run_info.update(best_top1=best_top1, final_eval=eval_metrics, eval_step=step)
+        window_start = time.monotonic()  # Evaluation time is not training throughput.
+
+      if step % config.train.checkpoint_every == 0 or is_last:
+        save(step)
+
+      if guard.signal_name is not None and not is_last:
+        save(step)
+        ckpt.wait()
+        run_info["train_seconds"] += time.monotonic() - session_start
+        if is_chief:
+          _write_run_info(workdir, run_info)
+        raise Preempted(
+            f"Received {guard.signal_name} at step {step}/{total_steps}: saved a checkpoint in "
+            f"{workdir}. Rerun the same command to resume from step {step}.", guard.exit_code)
+
+  ckpt.wait()
+  ckpt.close()
+  run_info["train_seconds"] += time.monotonic() - session_start
+  run_info["completed_steps"] = total_steps
+  if is_chief:
+    _write_run_info(workdir, run_info)
+  return eval_metrics
+
+
+def evaluate_checkpoint(config, workdir: str, *, best: bool = False) -> dict:
+  """`--mode eval`: the latest (or best) checkpoint on the evaluation split."""
+  mesh, _, _, state, _, eval_step, ckpt = setup(config, workdir)
+  if ckpt.latest_step() is None:
+    raise checkpointing.CheckpointError(
+        f"No checkpoint in {workdir}: train first (same --config and --workdir).")
+  state, _, step = ckpt.restore(state, best=best)
+  metrics = evaluate(eval_step, state, config, mesh)
+  metrics["step"] = step
+  return metrics
+
+

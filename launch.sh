@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Set-up and the named jobs. Every job creates/reuses .venv first (idempotent).
+#
+#   ./launch.sh setup                      create/refresh .venv (runtime deps)
+#   ./launch.sh quickstart                 ViT and DiffViT on the embedded digits data (CPU, minutes)
+#   ./launch.sh test                       the test suite (installs the test extra: pytest, torch, timm)
+#   ./launch.sh tiny_imagenet [protocol] [sizes] [seeds]
+#                                          the six experiments: protocol v2|seed (default v2),
+#                                          sizes "10m 20m 30m", seeds "0"; one run per GPU when
+#                                          several are visible, else one after another
+#   ./launch.sh report [RUN_DIR...]        plots and tables from runs/ (default: every run)
+#
+# Environment: PYTHON (interpreter for the venv, default python3), EXTRA_ARGS (appended to
+# every training command, e.g. "--config.train.steps=100").
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=.venv
+PY="$VENV/bin/python"
+
+setup() {  # setup [extra]: install the package (and an extra) once per pyproject.toml version
+  local extra="${1:-}"
+  if [ ! -x "$PY" ]; then
+    "${PYTHON:-python3}" -m venv "$VENV"
+    "$PY" -m pip install -q --upgrade pip
+  fi
+  local stamp="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-12)${extra:+-$extra}"
+  if [ ! -f "$stamp" ]; then
+    echo "== installing diffvit_jax${extra:+[$extra]} into $VENV"
+    "$PY" -m pip install -q -e ".${extra:+[$extra]}"
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+      "$PY" -m pip install -q -U "jax[cuda12]"  # GPU build of jaxlib on GPU machines
+    fi
+    touch "$stamp"
+  fi
+}
+
+train() {  # train CONFIG WORKDIR [flags...]
+  local config="$1" workdir="$2"
+  shift 2
+  # shellcheck disable=SC2086
+  "$PY" -m diffvit_jax.main --config "$config" --workdir "$workdir" "$@" ${EXTRA_ARGS:-}
+}
+
+quickstart() {
+  setup
+  local root=runs/quickstart start=$SECONDS
+  for arch in vit diffvit; do
+    echo "== training $arch on digits (CPU) -> $root/$arch"
+    JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" train "configs/digits.py:$arch" "$root/$arch"
+  done
+  echo "== training took $((SECONDS - start)) s"
+  "$PY" - "$root" <<'PYEOF'
+import json, os, sys
+root = sys.argv[1]
+print(f"{'model':10s} {'params':>8s} {'val top-1':>9s} {'val loss':>8s} {'train s':>8s}")
+for arch in ("vit", "diffvit"):
+  with open(os.path.join(root, arch, "run_info.json")) as f:
+    info = json.load(f)
+  ev = info["final_eval"]
+  print(f"{arch:10s} {info['params']:8d} {ev['top1']:9.4f} {ev['loss']:8.4f} "
+        f"{info['train_seconds']:8.1f}")
+print(f"\nTensorBoard logs: {os.path.abspath(root)}   (tensorboard --logdir {root})")
+PYEOF
+}
+
+run_tests() {
+  setup test
+  "$PY" -m pytest -q -n "${TEST_WORKERS:-2}" "$@"
+}
+
+num_gpus() {
+  if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+  else echo 0; fi
+}
+
+tiny_imagenet() {
+  setup
+  local protocol="${1:-v2}" sizes="${2:-10m 20m 30m}" seeds="${3:-0}"
+  local gpus jobs=() pids=() i=0
+  gpus=$(num_gpus)
+  for size in $sizes; do
+    for arch in vit diffvit; do
+      for seed in $seeds; do
+        jobs+=("$arch $size $seed")
+      done
+    done
+  done
+  for job in "${jobs[@]}"; do
+    read -r arch size seed <<<"$job"
+    local workdir="runs/tiny_imagenet/$protocol/${arch}_${size}/seed$seed"
+    local config="configs/tiny_imagenet.py:${arch}_${size},$protocol"
+    mkdir -p "$workdir"
+    if [ "$gpus" -gt 1 ]; then
+      echo "== $arch $size seed $seed on GPU $((i % gpus)) -> $workdir (log: $workdir/train.log)"
+      CUDA_VISIBLE_DEVICES=$((i % gpus)) train "$config" "$workdir" \
+        --config.train.seed="$seed" >"$workdir/train.log" 2>&1 &
+      pids+=($!)
+      i=$((i + 1))
+      if [ "${#pids[@]}" -ge "$gpus" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+    else
+      echo "== $arch $size seed $seed -> $workdir"
+      train "$config" "$workdir" --config.train.seed="$seed" 2>&1 | tee -a "$workdir/train.log"
+    fi
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done
+  echo "== done; ./launch.sh report runs/tiny_imagenet/$protocol/*/* for plots and tables"
+}
+
+report() {
+  setup
+  if [ "$#" -eq 0 ]; then
+    mapfile -t dirs < <(find runs -name run_info.json -printf '%h\n' 2>/dev/null | sort)
+    set -- "${dirs[@]}"
+  fi
+  "$PY" -m diffvit_jax.report "$@" --out reports
+}
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+  setup) setup "$@" ;;
+  quickstart) quickstart ;;
+  test) run_tests "$@" ;;
+  tiny_imagenet) tiny_imagenet "$@" ;;
+  report) report "$@" ;;
+  *) sed -n '2,15p' "$0"; exit 2 ;;
+esac
