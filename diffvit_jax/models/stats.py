@@ -1,0 +1,84 @@
+"""Sizes and costs computed from the real parameter tree (via `jax.eval_shape`, no allocation).
+
+The study this project reproduces compared models whose sizes were read off a
+summary tool that missed some weights; here every count comes from the tree
+the trainer optimises.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffvit_jax.models.build import build_model, check_image_size, validate
+
+# Top-level entries of the tree that are the embedding, not the transformer.
+EMBEDDING_PARAMS = ("embedding", "pos_embedding", "cls")
+
+
+def num_tokens(model_config, image_size: int) -> int:
+  """Tokens the blocks see: (image_size / patch)^2 patches, plus the class token for pool='cls'."""
+  validate(model_config)
+  check_image_size(model_config, image_size)
+  grid = image_size // model_config.patch_size
+  return grid * grid + (1 if model_config.pool == "cls" else 0)
+
+
+def param_shapes(model_config, image_size: int):
+  """The 'params' tree as ShapeDtypeStructs (the real tree, nothing allocated)."""
+  model = build_model(model_config)
+  check_image_size(model_config, image_size)
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  init = functools.partial(model.init, train=False)
+  return jax.eval_shape(init, jax.random.key(0), images)["params"]
+
+
+def _size(tree) -> int:
+  return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(tree)))
+
+
+def count_params(model_config, image_size: int) -> dict[str, int]:
+  """{'total': every parameter, 'non_embedding': total minus the embedding}.
+
+  non_embedding (N) = the transformer blocks + the final norm + the head, i.e.
+  everything but the patch embedding (conv kernel and bias), the learned
+  position embedding and the class token. The head is included (it is a
+  matmul per image, like the blocks' per token; with 200 classes it is <1%).
+  """
+  shapes = param_shapes(model_config, image_size)
+  embedding = _size({k: v for k, v in shapes.items() if k in EMBEDDING_PARAMS})
+  total = _size(shapes)
+  return dict(total=total, non_embedding=total - embedding)
+
+
+def gflops_per_image(model_config, image_size: int) -> float:
+  """Forward + backward matmul GFLOPs per image: 6 N T + 6 L T^2 (D_qk + D_v).
+
+  N: non-embedding parameters (see `count_params`), T: tokens, L: depth.
+  D_qk and D_v are the total widths of the query-key and the probability-value
+  products: both D for 'vit' and 'diffvit' (2H heads of d for q.k; one
+  (A1 - lambda A2) v over H heads of 2d), giving the usual 6 N T + 12 L T^2 D;
+  'diffvit2' has D_qk = 2D (2H query heads of 2d), so 6 N T + 18 L T^2 D.
+  The head's matmul is counted per token like the blocks' (a slight overcount,
+  T times its one-per-image cost, under 1% here). Patch embedding, norms and
+  softmax are not counted.
+  """
+  tokens = num_tokens(model_config, image_size)
+  n = count_params(model_config, image_size)["non_embedding"]
+  width = model_config.width
+  qk_width = 2 * width if model_config.arch == "diffvit2" else width
+  flops = 6 * n * tokens + 6 * model_config.depth * tokens**2 * (qk_width + width)
+  return flops / 1e9
+
+
+def diffvit2_extra_params(model_config) -> int:
+  """Parameters 'diffvit2' adds to the 'vit' of the same config, over all layers.
+
+  Per layer: the query projection is D -> 2D instead of D -> D (D*D, plus D
+  biases with attn_bias) and W_lambda is D -> H (H = num_heads // 2, no bias).
+  """
+  validate(model_config)
+  width, pairs = model_config.width, model_config.num_heads // 2
+  per_layer = width * width + (width if model_config.attn_bias else 0) + width * pairs
+  return model_config.depth * per_layer
