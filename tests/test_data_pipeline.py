@@ -1,0 +1,211 @@
+"""The grain pipeline on an image folder whose images name themselves (flat colours)."""
+
+import json
+
+import data_fakes
+import numpy as np
+import pytest
+
+from diffvit_jax import config_lib
+from diffvit_jax.data import input_pipeline
+from diffvit_jax.errors import ConfigError
+
+CLASSES = ("ant", "bee", "cat")
+NUM_TRAIN = 30  # 10 per class
+NUM_EVAL = 15  # 5 per class
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp("folder")
+  data_fakes.write_image_folder(root, "train", CLASSES, per_class=10)
+  data_fakes.write_image_folder(root, "validation", CLASSES, per_class=5, start_index=100)
+  return str(root)
+
+
+def _data(root, **overrides):
+  # mean 0, std 1: image * 255 gives back the colours that name the examples.
+  fields = dict(source="image_folder", dir=root, image_size=8, crop="none",
+                mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), num_workers=0)
+  return config_lib.data_config(**{**fields, **overrides})
+
+
+def _ids(batch) -> list[int]:
+  return [data_fakes.colour_index(image[0, 0] * 255) for image in batch["image"]]
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def test_train_batches_have_the_promised_layout(folder):
+  batch = next(input_pipeline.create_train_iterator(_data(folder), global_batch_size=4, seed=0))
+  assert set(batch) == {"image", "label"}
+  assert batch["image"].shape == (4, 8, 8, 3) and batch["image"].dtype == np.float32
+  assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
+  # Labels follow the sorted class folders: example i is in class i // 10.
+  assert [i // 10 for i in _ids(batch)] == list(batch["label"])
+
+
+def test_normalisation_uses_mean_and_std(folder):
+  raw = next(input_pipeline.create_train_iterator(_data(folder), global_batch_size=2, seed=0))
+  mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
+  normed = next(input_pipeline.create_train_iterator(
+      _data(folder, mean=mean, std=std), global_batch_size=2, seed=0))
+  np.testing.assert_allclose(normed["image"], (raw["image"] - mean) / np.array(std), atol=1e-5)
+
+
+def test_epochs_are_seeded_permutations(folder):
+  it = input_pipeline.create_train_iterator(_data(folder), global_batch_size=5, seed=3)
+  epoch1 = sum((_ids(b) for b in _take(it, 6)), [])
+  epoch2 = sum((_ids(b) for b in _take(it, 6)), [])
+  assert sorted(epoch1) == sorted(epoch2) == list(range(NUM_TRAIN))
+  assert epoch1 != epoch2  # Reshuffled each epoch.
+  again = input_pipeline.create_train_iterator(_data(folder), global_batch_size=5, seed=3)
+  assert sum((_ids(b) for b in _take(again, 6)), []) == epoch1
+  other = input_pipeline.create_train_iterator(_data(folder), global_batch_size=5, seed=4)
+  assert sum((_ids(b) for b in _take(other, 6)), []) != epoch1
+
+
+def test_augmentation_is_seeded(folder):
+  data = _data(folder, image_size=16, crop="random_resized", flip=True, randaugment_layers=2,
+               train_corruption="gaussian_noise", train_severity=3)
+  a = _take(input_pipeline.create_train_iterator(data, global_batch_size=4, seed=0), 2)
+  b = _take(input_pipeline.create_train_iterator(data, global_batch_size=4, seed=0), 2)
+  c = _take(input_pipeline.create_train_iterator(data, global_batch_size=4, seed=1), 2)
+  for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(x["image"], y["image"])
+  assert not np.array_equal(a[0]["image"], c[0]["image"])
+  assert np.isfinite(a[0]["image"]).all()
+
+
+@pytest.mark.parametrize("process_count", [2, 3])
+def test_processes_split_the_global_batches(folder, process_count):
+  """Per step, the hosts' batches are disjoint and together are the 1-process global batch."""
+  data = _data(folder)
+  steps, global_batch = 7, 6
+  single = _take(input_pipeline.create_train_iterator(data, global_batch_size=global_batch,
+                                                      seed=0), steps)
+  hosts = [_take(input_pipeline.create_train_iterator(
+      data, global_batch_size=global_batch, seed=0, process_index=p,
+      process_count=process_count), steps) for p in range(process_count)]
+  for step in range(steps):
+    per_host = [sorted(map(tuple, h[step]["image"].reshape(-1, 8 * 8 * 3).round(4)))
+                for h in hosts]
+    assert all(len(b) == global_batch // process_count for b in per_host)
+    union = sorted(sum(per_host, []))
+    assert union == sorted(map(tuple, single[step]["image"].reshape(-1, 8 * 8 * 3).round(4)))
+  ids = [sum((_ids(b) for b in h[:5]), []) for h in hosts]
+  assert sorted(sum(ids, [])) == list(range(NUM_TRAIN))  # First epoch: each example once.
+
+
+def test_state_restores_the_same_batches(folder):
+  data = _data(folder, crop="random_resized", flip=True, randaugment_layers=1)
+  it = input_pipeline.create_train_iterator(data, global_batch_size=4, seed=0)
+  _take(it, 9)  # Past the end of the first epoch.
+  state = json.loads(json.dumps(it.get_state()))  # What grain's orbax handler writes.
+  expected = _take(it, 4)
+  resumed = input_pipeline.create_train_iterator(data, global_batch_size=4, seed=0)
+  resumed.set_state(state)
+  for x, y in zip(expected, _take(resumed, 4), strict=True):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_state_through_orbax_with_grain_checkpoint_args(folder, tmp_path):
+  import grain
+  import orbax.checkpoint as ocp
+
+  data = _data(folder)
+  it = input_pipeline.create_train_iterator(data, global_batch_size=4, seed=0)
+  _take(it, 3)
+  with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as manager:
+    manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+  expected = _take(it, 2)
+  resumed = input_pipeline.create_train_iterator(data, global_batch_size=4, seed=0)
+  with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as manager:
+    manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+  assert [_ids(b) for b in _take(resumed, 2)] == [_ids(b) for b in expected]
+
+
+def test_worker_processes_give_the_same_batches(folder):
+  in_process = _take(input_pipeline.create_train_iterator(
+      _data(folder, crop="pad_crop"), global_batch_size=4, seed=0), 5)
+  it = input_pipeline.create_train_iterator(
+      _data(folder, crop="pad_crop", num_workers=2), global_batch_size=4, seed=0)
+  try:
+    batches = _take(it, 3)
+    state = it.get_state()
+    batches += _take(it, 2)
+  finally:
+    it.close()
+  for x, y in zip(in_process, batches, strict=True):
+    np.testing.assert_array_equal(x["image"], y["image"])
+  resumed = input_pipeline.create_train_iterator(
+      _data(folder, crop="pad_crop", num_workers=2), global_batch_size=4, seed=0)
+  try:
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["image"], in_process[3]["image"])
+  finally:
+    resumed.close()
+
+
+@pytest.mark.parametrize("process_count,global_batch", [(1, 4), (2, 4), (3, 6), (4, 8)])
+def test_eval_sees_every_example_once(folder, process_count, global_batch):
+  data = _data(folder)
+  seen, shapes, num_batches = [], set(), set()
+  for p in range(process_count):
+    batches = list(input_pipeline.create_eval_iterator(
+        data, global_batch_size=global_batch, process_index=p, process_count=process_count))
+    num_batches.add(len(batches))
+    for batch in batches:
+      assert set(batch) == {"image", "label", "mask"}
+      shapes.add(batch["image"].shape)
+      real = batch["mask"] == 1
+      assert set(np.unique(batch["mask"])) <= {0.0, 1.0}
+      assert not batch["image"][~real].any()  # Padding is blank.
+      ids = [i for i, r in zip(_ids(batch), real, strict=True) if r]
+      assert [(i - 100) // 5 for i in ids] == list(batch["label"][real])
+      seen += ids
+  assert sorted(seen) == list(range(100, 100 + NUM_EVAL))
+  assert len(shapes) == 1 and len(num_batches) == 1  # Same shapes and step count everywhere.
+
+
+def test_eval_is_deterministic_and_reiterable(folder):
+  data = _data(folder, image_size=16)
+  ds = input_pipeline.create_eval_iterator(data, global_batch_size=4,
+                                           corruption="impulse_noise", severity=4)
+  first, second = list(ds), list(ds)
+  third = list(input_pipeline.create_eval_iterator(data, global_batch_size=4,
+                                                   corruption="impulse_noise", severity=4))
+  clean = list(input_pipeline.create_eval_iterator(data, global_batch_size=4, corruption=""))
+  for a, b, c in zip(first, second, third, strict=True):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["image"], c["image"])
+  assert not np.array_equal(first[0]["image"], clean[0]["image"])
+
+
+def test_eval_corruption_defaults_to_the_config(folder):
+  data = _data(folder, eval_corruption="contrast", eval_severity=5)
+  configured = next(iter(input_pipeline.create_eval_iterator(data, global_batch_size=4)))
+  explicit = next(iter(input_pipeline.create_eval_iterator(
+      data, global_batch_size=4, corruption="contrast", severity=5)))
+  np.testing.assert_array_equal(configured["image"], explicit["image"])
+
+
+def test_config_mistakes_name_the_field(folder):
+  with pytest.raises(ConfigError, match="data.source"):
+    input_pipeline.get_dataset_info(_data(folder, source="imagenet"))
+  with pytest.raises(ConfigError, match="data.crop"):
+    input_pipeline.create_train_iterator(_data(folder, crop="center"), global_batch_size=4,
+                                         seed=0)
+  with pytest.raises(ConfigError, match="data.train_corruption"):
+    input_pipeline.create_train_iterator(_data(folder, train_corruption="rain", train_severity=1),
+                                         global_batch_size=4, seed=0)
+  with pytest.raises(ConfigError, match="batch"):
+    input_pipeline.create_train_iterator(_data(folder), global_batch_size=5, seed=0,
+                                         process_index=0, process_count=2)
+  with pytest.raises(ConfigError, match="severity"):
+    input_pipeline.create_eval_iterator(_data(folder), global_batch_size=4,
+                                        corruption="pixelate", severity=0)
