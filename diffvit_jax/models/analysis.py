@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from diffvit_jax.models.attention import lambda_init
+from diffvit_jax.models.attention import LAMBDA_VECTORS, differential_lambda
 from diffvit_jax.models.build import build_model
 
 
@@ -18,10 +18,8 @@ def lambda_per_layer(params, model_config) -> np.ndarray | None:
   values = []
   for i in range(model_config.depth):
     attn = params[f"block_{i}"]["attn"]
-    vec = lambda name, attn=attn: np.asarray(attn[name], np.float64)
-    values.append(np.exp(vec("lambda_q1") @ vec("lambda_k1"))
-                  - np.exp(vec("lambda_q2") @ vec("lambda_k2")) + lambda_init(i + 1))
-  return np.asarray(values, np.float32)
+    values.append(differential_lambda(*(attn[name] for name in LAMBDA_VECTORS), layer=i + 1))
+  return np.asarray(jax.device_get(values), np.float32)
 
 
 def attention_maps(model_config, params, images) -> list[dict[str, np.ndarray]]:

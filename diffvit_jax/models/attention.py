@@ -38,6 +38,7 @@ Dtype = Any
 
 ATTENTION_IMPLS = ("fused", "einsum")
 LAMBDA_INIT_STD = 0.1
+LAMBDA_VECTORS = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
 
 
 def lambda_init(layer: int) -> float:
@@ -47,6 +48,11 @@ def lambda_init(layer: int) -> float:
   block index `depth`.
   """
   return 0.8 - 0.6 * math.exp(-0.3 * (layer - 1))
+
+
+def differential_lambda(q1, k1, q2, k2, *, layer: int):
+  """lambda = exp(lambda_q1 . lambda_k1) - exp(lambda_q2 . lambda_k2) + lambda_init(layer)."""
+  return jnp.exp(jnp.dot(q1, k1)) - jnp.exp(jnp.dot(q2, k2)) + lambda_init(layer)
 
 
 def projection(features: int, *, use_bias: bool, dtype: Dtype, name: str) -> nn.Dense:
@@ -120,13 +126,6 @@ class DifferentialAttention(nn.Module):
   impl: str = "fused"
   dtype: Dtype = jnp.float32
 
-  def lambda_value(self, head_dim: int) -> jax.Array:
-    """The scalar lambda of this layer, float32."""
-    init = nn.initializers.normal(stddev=LAMBDA_INIT_STD)
-    vec = lambda name: self.param(name, init, (head_dim,), jnp.float32)
-    q1, k1, q2, k2 = vec("lambda_q1"), vec("lambda_k1"), vec("lambda_q2"), vec("lambda_k2")
-    return jnp.exp(jnp.dot(q1, k1)) - jnp.exp(jnp.dot(q2, k2)) + lambda_init(self.layer)
-
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     batch, tokens, width = x.shape
@@ -137,7 +136,10 @@ class DifferentialAttention(nn.Module):
     q = dense("query").reshape(batch, tokens, 2 * pairs, head_dim)
     k = dense("key").reshape(batch, tokens, 2 * pairs, head_dim)
     v = dense("value").reshape(batch, tokens, pairs, 2 * head_dim)
-    lam = self.lambda_value(head_dim)
+    init = nn.initializers.normal(stddev=LAMBDA_INIT_STD)
+    lam = differential_lambda(
+        *(self.param(name, init, (head_dim,), jnp.float32) for name in LAMBDA_VECTORS),
+        layer=self.layer)
 
     if self.impl == "einsum" or (train and self.attn_dropout > 0):
       probs = attention_probs(q, k, scale)  # [B, 2H, T, S]

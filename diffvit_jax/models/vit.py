@@ -37,6 +37,11 @@ from diffvit_jax.models.norms import BLOCK_NORM_EPS, make_norm
 Dtype = Any
 
 
+def stochastic_depth_rates(rate: float, depth: int) -> list[float]:
+  """Drop-path rate of each block: linear from 0 (first) to `rate` (last), timm's rule."""
+  return [float(r) for r in np.linspace(0.0, rate, depth)]
+
+
 class MlpBlock(nn.Module):
   """fc1 -> exact GELU -> dropout -> fc2 -> dropout (timm's `Mlp`)."""
 
@@ -148,11 +153,10 @@ class ViT(nn.Module):
     x = x + pos.astype(self.dtype)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
-    # Stochastic depth rate linear from 0 (first block) to stoch_depth (last), as timm.
-    rates = np.linspace(0.0, self.stoch_depth, self.depth)
+    rates = stochastic_depth_rates(self.stoch_depth, self.depth)
     for i in range(self.depth):
       x = EncoderBlock(self.attention_fn(layer=i + 1), mlp_dim=self.mlp_dim, norm=self.norm,
-                       dropout=self.dropout, drop_path=float(rates[i]), dtype=self.dtype,
+                       dropout=self.dropout, drop_path=rates[i], dtype=self.dtype,
                        name=f"block_{i}")(x, train=train)
 
     # Final norm on every token before pooling, for both pools (timm fc_norm=False).
