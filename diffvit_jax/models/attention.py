@@ -157,7 +157,10 @@ class DifferentialAttention(nn.Module):
       # ours are twice as large. Zero-padding q and k to 2d leaves q.k (and,
       # with the explicit scale, the softmax) unchanged, so one call computes
       # A1 v[h] and A2 v[h] for every pair (v repeated for heads 2h and 2h+1).
-      # Same FLOPs as splitting v into halves and two calls, one softmax less.
+      # Same FLOPs as splitting v into halves and two calls, one softmax less;
+      # but twice the attention-matmul FLOPs of the einsum path, which applies
+      # (A1 - lambda A2) to v once. While implementation=None means XLA (jax
+      # 0.10), 'einsum' is the cheaper path for this module.
       pad = [(0, 0), (0, 0), (0, 0), (0, head_dim)]
       both = fused_attention(jnp.pad(q, pad), jnp.pad(k, pad), jnp.repeat(v, 2, axis=2), scale)
       both = both.reshape(batch, tokens, pairs, 2, 2 * head_dim).astype(jnp.float32)
