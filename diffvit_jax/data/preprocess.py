@@ -94,4 +94,7 @@ class Normalise(grain.transforms.Map):
   def map(self, batch: dict) -> dict:
     scale = 1.0 / (255.0 * np.asarray(self.std, np.float32))
     offset = -np.asarray(self.mean, np.float32) / np.asarray(self.std, np.float32)
-    return {**batch, "image": batch["image"].astype(np.float32) * scale + offset}
+    image = batch["image"].astype(np.float32)
+    image *= scale  # In place: this pass is memory-bound, temporaries cost a third more.
+    image += offset
+    return {**batch, "image": image}
