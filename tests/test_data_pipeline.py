@@ -209,3 +209,13 @@ def test_config_mistakes_name_the_field(folder):
   with pytest.raises(ConfigError, match="severity"):
     input_pipeline.create_eval_iterator(_data(folder), global_batch_size=4,
                                         corruption="pixelate", severity=0)
+
+
+def test_corrupted_eval_in_worker_processes_matches_in_process(folder):
+  kwargs = dict(global_batch_size=4, corruption="gaussian_noise", severity=2)
+  in_process = list(input_pipeline.create_eval_iterator(_data(folder), **kwargs))
+  in_workers = list(input_pipeline.create_eval_iterator(_data(folder, num_workers=2), **kwargs))
+  assert len(in_process) == len(in_workers)
+  for a, b in zip(in_process, in_workers, strict=True):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["mask"], b["mask"])
