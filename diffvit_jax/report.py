@@ -1,0 +1,185 @@
+r"""Plots and tables from training workdirs.
+
+  python -m diffvit_jax.report RUN_DIR... --out reports
+  ./launch.sh report                      # every run under runs/
+
+Reads each run's TensorBoard events (written by CLU), run_info.json and,
+when `--mode eval_corrupted` was run, robustness.json; groups the seeds of each
+config (see `analysis.runs`) and writes into --out:
+
+  report.md                    the tables below and the figures, in one page
+  results.{md,csv}             per config: params, seeds, best/final top-1/top-5,
+                               final val loss, throughput, wall time
+  differences.{md,csv}         DiffViT minus ViT per size, spread over seeds
+  runs.csv                     the same numbers per run
+  curves_<protocol>_<size>.{png,svg}   ViT vs DiffViT at one size
+  curves_<protocol>_<arch>.{png,svg}   one architecture across sizes
+  lambda_<protocol>.{png,svg}          lambda per layer over training (differential)
+  robustness.{md,csv}, robustness_<protocol>_<size>.{png,svg}   when present
+"""
+
+import argparse
+import os
+import sys
+
+from diffvit_jax.analysis import plots, tables
+from diffvit_jax.analysis import runs as runs_lib
+from diffvit_jax.errors import DataError, UserError
+
+
+def _image(path: str, out_dir: str, alt: str) -> str:
+  return f"![{alt}]({os.path.relpath(path, out_dir)})"
+
+
+def _curve_figures(groups, out_dir) -> list[tuple[str, str]]:
+  """(title, png path) of every learning-curve figure."""
+  figures = []
+  protocols = sorted({g.protocol for g in groups})
+  for protocol in protocols:
+    mine = [g for g in groups if g.protocol == protocol]
+    tag = protocol or "none"
+    for size in dict.fromkeys(g.size for g in mine):
+      at_size = [g for g in mine if g.size == size]
+      png, _ = plots.save(plots.size_comparison(at_size, protocol, size),
+                          os.path.join(out_dir, f"curves_{tag}_{size}"))
+      figures.append((f"{size}, protocol {protocol}", png))
+    for arch in dict.fromkeys(g.arch for g in mine):
+      of_arch = [g for g in mine if g.arch == arch]
+      if len(of_arch) > 1:  # With one size this figure would repeat a line of the one above.
+        png, _ = plots.save(plots.arch_across_sizes(of_arch, protocol, arch),
+                            os.path.join(out_dir, f"curves_{tag}_{arch}"))
+        figures.append((f"{runs_lib.ARCH_LABELS.get(arch, arch)} across sizes, "
+                        f"protocol {protocol}", png))
+  return figures
+
+
+def _lambda_figures(groups, out_dir) -> list[tuple[str, str]]:
+  figures = []
+  for protocol in sorted({g.protocol for g in groups}):
+    differential = [g for g in groups if g.protocol == protocol and g.runs[0].lambda_tags()]
+    if differential:
+      png, _ = plots.save(plots.lambda_per_layer(differential, protocol),
+                          os.path.join(out_dir, f"lambda_{protocol or 'none'}"))
+      figures.append((f"lambda, protocol {protocol}", png))
+  return figures
+
+
+def _robustness_figures(groups, out_dir) -> list[tuple[str, str]]:
+  figures = []
+  with_results = [g for g in groups if all(r.robustness for r in g.runs)]
+  for key in dict.fromkeys((g.protocol, g.size) for g in with_results):
+    at_size = [g for g in with_results if (g.protocol, g.size) == key]
+    title = f"Corrupted validation set, {key[1]} models, protocol {key[0]}"
+    stem = f"robustness_{key[0] or 'none'}_{key[1]}"
+    png, _ = plots.save(plots.mean_accuracy_vs_severity(at_size, title),
+                        os.path.join(out_dir, stem))
+    figures.append((title, png))
+    for group in at_size:
+      result = _mean_robustness([r.robustness for r in group.runs])
+      seeds = len(group.runs)
+      title = (f"{group.label} {group.size}, protocol {group.protocol}: top-1 under corruption"
+               f"{f' (mean of {seeds} seeds)' if seeds > 1 else ''}")
+      png, _ = plots.save(plots.accuracy_vs_severity(result, title),
+                          os.path.join(out_dir, f"{stem}_{group.arch}"))
+      figures.append((title, png))
+  return figures
+
+
+def _mean_robustness(results: list[dict]) -> dict:
+  """The cells (and clean accuracy) of several seeds' robustness.json, averaged."""
+  mean = lambda values: float(sum(values) / len(values))
+  corrupted = {}
+  for name, by_severity in results[0]["corrupted"].items():
+    for severity in by_severity:
+      values = [r["corrupted"][name][severity]["top1"] for r in results
+                if severity in r["corrupted"].get(name, {})]
+      corrupted.setdefault(name, {})[severity] = {"top1": mean(values)}
+  return {"clean": {"top1": mean([r["clean"]["top1"] for r in results])},
+          "corrupted": corrupted}
+
+
+def write_report(workdirs: list[str], out_dir: str) -> dict[str, str]:
+  """Writes every table and figure for `workdirs` into `out_dir`; returns name -> path."""
+  if not workdirs:
+    raise DataError("No run directories given: pass the --workdir of one or more training "
+                    "runs (each holds a run_info.json).")
+  os.makedirs(out_dir, exist_ok=True)
+  groups = runs_lib.group_runs([runs_lib.load_run(w) for w in workdirs])
+  if not any(r.scalars for g in groups for r in g.runs):
+    raise DataError(f"None of {workdirs} has TensorBoard event files: were they written by "
+                    "`diffvit_jax.main` (which writes them into the workdir)?")
+
+  written = {}
+  group_rows = tables.group_rows(groups)
+  diff_rows = tables.difference_rows(groups)
+  run_rows = tables.run_rows(groups)
+  robust_rows = tables.robustness_rows(groups)
+  tables.write_csv(group_rows, written.setdefault("results.csv", f"{out_dir}/results.csv"))
+  tables.write_csv(run_rows, written.setdefault("runs.csv", f"{out_dir}/runs.csv"))
+  sections = ["# Results\n",
+              "Accuracies in %, mean ± std over seeds (std only with several seeds). Best: "
+              "highest validation top-1 over the evaluations of a run; final: the last "
+              "evaluation. Throughput: median over logging windows; wall time: all training "
+              "sessions, evaluation included.\n",
+              tables.results_markdown(group_rows)]
+  if diff_rows:
+    tables.write_csv(diff_rows, written.setdefault("differences.csv",
+                                                   f"{out_dir}/differences.csv"))
+    diff_md = tables.differences_markdown(diff_rows)
+    sections += ["\n## Differential minus classic, per size\n",
+                 "Percentage points: mean over the model's seeds minus mean over the ViT's; ± "
+                 "the std over seeds of the per-seed difference (runs paired by seed).\n",
+                 diff_md]
+  if robust_rows:
+    tables.write_csv(robust_rows, written.setdefault("robustness.csv",
+                                                     f"{out_dir}/robustness.csv"))
+    robust_md = tables.robustness_markdown(robust_rows)
+    with open(written.setdefault("robustness.md", f"{out_dir}/robustness.md"), "w") as f:
+      f.write(robust_md + "\n")
+    sections += ["\n## Robustness (corrupted validation set)\n",
+                 "Mean corruption error: mean over corruptions and severities of the top-1 "
+                 "error. mCE: mean over corruptions of CE_c = sum_s E_s / sum_s E_s(baseline).\n",
+                 robust_md]
+  figures = (_curve_figures(groups, out_dir) + _lambda_figures(groups, out_dir)
+             + _robustness_figures(groups, out_dir))
+  sections.append("\n## Figures\n")
+  for title, png in figures:
+    for path in (png, png[:-len(".png")] + ".svg"):
+      written[os.path.basename(path)] = path
+    sections.append(f"### {title}\n\n{_image(png, out_dir, title)}\n")
+  sections += ["\n## Runs\n", tables.runs_markdown(run_rows)]
+
+  with open(written.setdefault("results.md", f"{out_dir}/results.md"), "w") as f:
+    f.write(tables.results_markdown(group_rows) + "\n")
+  if diff_rows:
+    with open(written.setdefault("differences.md", f"{out_dir}/differences.md"), "w") as f:
+      f.write(diff_md + "\n")
+  with open(written.setdefault("report.md", f"{out_dir}/report.md"), "w") as f:
+    f.write("\n".join(sections) + "\n")
+  return written
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(
+      prog="python -m diffvit_jax.report",
+      description="Plots (PNG, SVG) and tables (Markdown, CSV) from training workdirs.")
+  parser.add_argument("workdirs", nargs="+", metavar="RUN_DIR",
+                      help="training workdirs (each with run_info.json and event files)")
+  parser.add_argument("--out", default="reports", help="output directory (default: reports)")
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  try:
+    written = write_report(args.workdirs, args.out)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return e.exit_code
+  print(f"Wrote {len(written)} files to {args.out}/ (start with "
+        f"{os.path.join(args.out, 'report.md')}).")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
