@@ -22,8 +22,16 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py:vit.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and logs.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do with the run in --workdir.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "eval_corrupted"],
+                  "What to do with the run in --workdir.")
 flags.DEFINE_bool("best", False, "--mode eval: use the best checkpoint instead of the latest.")
+flags.DEFINE_string("baseline_workdir", "",
+                    "--mode eval_corrupted: the run that CE and mCE are relative to (e.g. the "
+                    "ViT of the same size), itself evaluated with --mode eval_corrupted first.")
+flags.DEFINE_list("severities", ["1", "2", "3", "4", "5"],
+                  "--mode eval_corrupted: the corruption severities to evaluate.")
+flags.DEFINE_list("corruptions", [],
+                  "--mode eval_corrupted: the corruptions to evaluate (default: all).")
 
 
 def _run(config, workdir: str, mode: str) -> dict:
@@ -37,6 +45,12 @@ def _run(config, workdir: str, mode: str) -> dict:
     jax.distributed.initialize()
   if mode == "train":
     return train.train_and_evaluate(config, workdir)
+  if mode == "eval_corrupted":
+    from diffvit_jax import robustness
+
+    return robustness.evaluate_corrupted(
+        config, workdir, baseline_workdir=FLAGS.baseline_workdir,
+        corruptions=FLAGS.corruptions, severities=FLAGS.severities, best=FLAGS.best)
   return train.evaluate_checkpoint(config, workdir, best=FLAGS.best)
 
 

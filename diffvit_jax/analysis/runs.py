@@ -111,6 +111,10 @@ def load_run(workdir: str) -> Run:
   if os.path.exists(robustness_path):
     with open(robustness_path) as f:
       robustness = json.load(f)
+    if "mean_corruption_error" not in robustness:  # Still running, or interrupted.
+      warnings.warn(f"{robustness_path} is incomplete (an evaluation still running or "
+                    "interrupted): left out of the report.", stacklevel=2)
+      robustness = None
   return Run(workdir=workdir, info=info, scalars=events.read_scalars(workdir),
              robustness=robustness)
 

@@ -1,0 +1,140 @@
+"""`--mode eval_corrupted`: every corruption x severity, CE and mCE, resuming, the report."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from analysis_runs import REPO, copy_run, digits_config, trained_runs
+from PIL import Image
+
+from diffvit_jax import report, robustness
+from diffvit_jax.data import corruptions
+from diffvit_jax.errors import CheckpointError, ConfigError, DataError
+
+TINY = ["--config.model.depth=2", "--config.model.width=32"]
+
+
+@pytest.fixture(scope="session")
+def runs_root(tmp_path_factory):
+  return trained_runs(tmp_path_factory)
+
+
+def test_cli_writes_every_corruption_and_severity(runs_root, tmp_path):
+  workdir = copy_run(runs_root, "vit", 0, tmp_path)
+  proc = subprocess.run(
+      [sys.executable, "-m", "diffvit_jax.main", "--config", "configs/digits.py:vit",
+       "--workdir", workdir, "--mode", "eval_corrupted", *TINY],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert summary["mode"] == "eval_corrupted" and 0 <= summary["mean_corruption_error"] <= 1
+
+  with open(os.path.join(workdir, "robustness.json")) as f:
+    result = json.load(f)
+  assert sorted(result["corrupted"]) == sorted(corruptions.CORRUPTIONS)
+  cells = []
+  for name in corruptions.CORRUPTIONS:
+    assert sorted(result["corrupted"][name], key=int) == ["1", "2", "3", "4", "5"]
+    for metrics in result["corrupted"][name].values():
+      assert all(0.0 <= metrics[k] <= 1.0 for k in ("top1", "top5"))
+      assert metrics["top1"] <= metrics["top5"]
+      cells.append(metrics["top1"])
+  assert result["mean_corruption_error"] == pytest.approx(1 - np.mean(cells))
+  # The clean accuracy is the trainer's final evaluation of the same checkpoint.
+  with open(os.path.join(workdir, "run_info.json")) as f:
+    assert result["clean"]["top1"] == pytest.approx(json.load(f)["final_eval"]["top1"],
+                                                    abs=1e-6)
+  assert "relative" not in result
+
+  with open(os.path.join(workdir, "robustness.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 1 + 5 * len(corruptions.CORRUPTIONS)
+  assert rows[0]["corruption"] == "clean"
+  with Image.open(os.path.join(workdir, "robustness.png")) as image:
+    assert image.size[0] > 600 and image.size[1] > 350
+    assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 20
+  assert os.path.exists(os.path.join(workdir, "robustness.svg"))
+
+
+@pytest.fixture(scope="module")
+def evaluated_pair(runs_root, tmp_path_factory):
+  """ViT and DiffViT (seed 0) on two corruptions x two severities, CE relative to the ViT."""
+  root = tmp_path_factory.mktemp("robust")
+  vit = copy_run(runs_root, "vit", 0, root)
+  diff = copy_run(runs_root, "diffvit", 0, root)
+  choice = dict(corruptions=["gaussian_noise", "contrast"], severities=["1", "5"])
+  robustness.evaluate_corrupted(digits_config("vit", 0), vit, **choice)
+  summary = robustness.evaluate_corrupted(digits_config("diffvit", 0), diff,
+                                          baseline_workdir=vit, **choice)
+  return vit, diff, summary
+
+
+def test_ce_and_mce_are_relative_to_the_baseline(evaluated_pair):
+  vit, diff, summary = evaluated_pair
+  mine, theirs = robustness.read_results(diff), robustness.read_results(vit)
+  ce = {}
+  for name in ("gaussian_noise", "contrast"):
+    errors = [1 - mine["corrupted"][name][s]["top1"] for s in ("1", "5")]
+    base = [1 - theirs["corrupted"][name][s]["top1"] for s in ("1", "5")]
+    ce[name] = sum(errors) / sum(base)
+  assert mine["relative"]["ce"] == pytest.approx(ce)
+  assert mine["relative"]["mce"] == pytest.approx(np.mean(list(ce.values())))
+  assert summary["mce"] == pytest.approx(mine["relative"]["mce"])
+  assert mine["relative"]["baseline_workdir"] == vit
+
+
+def test_corruption_error_formulas():
+  cells = {"a": {"1": {"top1": 0.9}, "2": {"top1": 0.7}}, "b": {"1": {"top1": 0.5}}}
+  base = {"a": {"1": {"top1": 0.8}, "2": {"top1": 0.6}}, "b": {"1": {"top1": 0.75}}}
+  assert robustness.mean_corruption_error(cells) == pytest.approx((0.1 + 0.3 + 0.5) / 3)
+  ce = robustness.corruption_errors(cells, base)
+  assert ce == pytest.approx({"a": 0.4 / 0.6, "b": 0.5 / 0.25})
+
+
+def test_an_interrupted_evaluation_resumes(evaluated_pair, tmp_path):
+  vit = shutil.copytree(evaluated_pair[0], tmp_path / "vit")
+  result = robustness.read_results(vit)
+  # As if the run had been killed after one cell: that cell is kept, not recomputed.
+  result["corrupted"] = {"contrast": {"1": {"top1": 0.123, "top5": 0.5, "loss": 9.0}}}
+  with open(os.path.join(vit, "robustness.json"), "w") as f:
+    json.dump(result, f)
+  robustness.evaluate_corrupted(digits_config("vit", 0), vit, corruptions=["contrast"],
+                                severities=["1", "2"])
+  resumed = robustness.read_results(vit)
+  assert resumed["corrupted"]["contrast"]["1"]["top1"] == 0.123
+  assert set(resumed["corrupted"]["contrast"]) == {"1", "2"}
+
+
+def test_user_errors(evaluated_pair, tmp_path):
+  vit, diff, _ = evaluated_pair
+  with pytest.raises(DataError, match="eval_corrupted on it first"):
+    robustness.evaluate_corrupted(digits_config("vit", 0), vit, baseline_workdir=str(tmp_path))
+  with pytest.raises(ConfigError, match="not available"):
+    robustness.evaluate_corrupted(digits_config("vit", 0), vit, corruptions=["fog_of_war"])
+  with pytest.raises(ConfigError, match="severities"):
+    robustness.evaluate_corrupted(digits_config("vit", 0), vit, severities=["6"])
+  with pytest.raises(CheckpointError, match="model.arch"):
+    robustness.evaluate_corrupted(digits_config("vit", 0), diff, corruptions=["contrast"],
+                                  severities=["1"])
+  with pytest.raises(DataError, match="no results for"):
+    robustness.evaluate_corrupted(digits_config("diffvit", 0), diff, baseline_workdir=vit,
+                                  corruptions=["brightness"], severities=["1"])
+
+
+def test_report_includes_robustness(evaluated_pair, tmp_path):
+  vit, diff, _ = evaluated_pair
+  out = str(tmp_path / "report")
+  assert report.main([vit, diff, "--out", out]) == 0
+  names = set(os.listdir(out))
+  assert {"robustness.md", "robustness.csv"} <= names
+  pngs = [n for n in names if n.startswith("robustness_") and n.endswith(".png")]
+  assert len(pngs) == 3  # mean over corruptions per size, and one per config
+  with open(os.path.join(out, "report.md")) as f:
+    text = f.read()
+  assert "## Robustness" in text and "mCE" in text and "(vit_digits)" in text
