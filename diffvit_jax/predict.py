@@ -1,0 +1,99 @@
+r"""Top-5 classes of image files under a trained checkpoint.
+
+  python -m diffvit_jax.predict --workdir RUN [--best] [--top_k 5] IMAGE...
+
+Each image is decoded, resized and normalised exactly as the evaluation
+pipeline does it (`data.images`, `data.preprocess`), then classified. Prints,
+per image, one line per class: probability, then the class name (Tiny
+ImageNet: the words.txt name of its wnid), most probable first; with several
+images each block starts with '== IMAGE'.
+"""
+
+import argparse
+import sys
+
+import numpy as np
+
+from diffvit_jax.errors import DataError, UserError
+
+
+def load_image(path: str, data_config) -> np.ndarray:
+  """One image file -> float32 [S, S, 3], as the evaluation pipeline makes it."""
+  from diffvit_jax.data import images, preprocess
+
+  try:
+    pixels = images.read(path)
+  except (OSError, ValueError) as e:
+    raise DataError(f"Cannot read {path} as an image ({type(e).__name__}: {e}).") from e
+  resized = preprocess.EvalPreprocess(data_config.image_size).map(
+      {"image": pixels, "label": 0, "mask": 1.0})
+  normalise = preprocess.Normalise(tuple(data_config.mean), tuple(data_config.std))
+  return normalise.map({"image": resized["image"][None]})["image"][0]
+
+
+def class_names(data_config, num_classes: int) -> list[str]:
+  """The data set's class names; indices (with a warning) when the data set is not here."""
+  from diffvit_jax.data import input_pipeline
+
+  try:
+    names = list(input_pipeline.get_dataset_info(data_config).class_names)
+  except DataError as e:
+    print(f"warning: no class names ({str(e).splitlines()[0]}); printing class indices.",
+          file=sys.stderr)
+    return [f"class {i}" for i in range(num_classes)]
+  if len(names) != num_classes:
+    raise DataError(f"The data set has {len(names)} classes but the model predicts "
+                    f"{num_classes}: the checkpoint's config.data does not describe this data.")
+  return names
+
+
+def predict(workdir: str, paths: list[str], *, top_k: int = 5,
+            best: bool = False) -> list[list[tuple[str, float]]]:
+  """Per image, the top_k (class name, probability), most probable first."""
+  import jax
+
+  from diffvit_jax import checkpointing, models
+
+  params, config, _ = checkpointing.load_for_inference(workdir, best=best)
+  batch = np.stack([load_image(p, config.data) for p in paths])
+  logits = models.build_model(config.model).apply({"params": params}, batch, train=False)
+  probs = np.asarray(jax.nn.softmax(logits.astype(np.float32), axis=-1), np.float64)
+  names = class_names(config.data, probs.shape[-1])
+  k = min(top_k, probs.shape[-1])
+  results = []
+  for row in probs:
+    top = np.argsort(-row, kind="stable")[:k]
+    results.append([(names[i], float(row[i])) for i in top])
+  return results
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(
+      prog="python -m diffvit_jax.predict",
+      description="Top-k classes (with names and probabilities) of images under a checkpoint.")
+  parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format)")
+  parser.add_argument("--workdir", required=True, help="training workdir (with checkpoints/)")
+  parser.add_argument("--top_k", type=int, default=5, help="classes per image (default 5)")
+  parser.add_argument("--best", action="store_true", help="use the best checkpoint, not the latest")
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  try:
+    if args.top_k < 1:
+      raise UserError(f"--top_k must be at least 1, got {args.top_k}.")
+    results = predict(args.workdir, args.images, top_k=args.top_k, best=args.best)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return e.exit_code
+  for path, top in zip(args.images, results, strict=True):
+    if len(args.images) > 1:
+      print(f"== {path}")
+    for name, prob in top:
+      print(f"{prob:.4f}  {name}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
