@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from diffvit_jax.errors import DataError, UserError
+from diffvit_jax.errors import ConfigError, DataError, UserError
 
 
 def load_image(path: str, data_config) -> np.ndarray:
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   try:
     if args.top_k < 1:
-      raise UserError(f"--top_k must be at least 1, got {args.top_k}.")
+      raise ConfigError(f"--top_k must be at least 1, got {args.top_k}.")
     results = predict(args.workdir, args.images, top_k=args.top_k, best=args.best)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

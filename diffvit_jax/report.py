@@ -15,7 +15,10 @@ config (see `analysis.runs`) and writes into --out:
   curves_<protocol>_<size>.{png,svg}   ViT vs DiffViT at one size
   curves_<protocol>_<arch>.{png,svg}   one architecture across sizes
   lambda_<protocol>.{png,svg}          lambda per layer over training (differential)
-  robustness.{md,csv}, robustness_<protocol>_<size>.{png,svg}   when present
+  robustness.{md,csv}                  when the runs have robustness.json: clean top-1,
+                                       mean corruption error, mCE, top-1 per corruption
+  robustness_<protocol>_<size>.{png,svg}         top-1 (mean over corruptions) vs severity
+  robustness_<protocol>_<size>_<arch>.{png,svg}  top-1 per corruption vs severity
 """
 
 import argparse

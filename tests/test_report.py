@@ -217,3 +217,48 @@ def test_bad_run_dirs_are_one_line_errors(tmp_path, capsys):
 def test_nan_free_summary(runs_root):
   summary = runs_lib.load_run(run_dir(runs_root, "vit", 0)).summary()
   assert all(not math.isnan(v) for v in summary.values()), summary
+
+
+def write_fake_run(workdir, name, arch, params, seed, depth, rng):
+  """A finished run's files without training: run_info.json and CLU events of made-up curves."""
+  import json
+
+  from clu import metric_writers
+
+  os.makedirs(workdir)
+  writer = metric_writers.SummaryWriter(str(workdir))
+  for step in range(100, 1001, 100):
+    scalars = {"train/loss": 5 / (1 + step / 300) + rng.normal(0, 0.05),
+               "train/images_per_sec": 1000.0 + rng.normal(0, 10)}
+    if arch == "diffvit":
+      scalars.update({f"lambda/layer_{i + 1}": 0.2 + 0.05 * i - step / 1e4 for i in range(depth)})
+    writer.write_scalars(step, scalars)
+    if step % 200 == 0:
+      writer.write_scalars(step, {"eval/loss": 4 / (1 + step / 300), "eval/top1": step / 2000
+                                  + rng.normal(0, 0.01), "eval/top5": step / 1200})
+  writer.close()
+  info = dict(name=name, arch=arch, protocol="v2", params=params, seed=seed, batch_size=512,
+              steps_per_epoch=100_000 / 512, train_seconds=3600.0,
+              config=dict(model=dict(depth=depth), data=dict(image_size=96)))
+  with open(os.path.join(workdir, "run_info.json"), "w") as f:
+    json.dump(info, f)
+
+
+def test_sizes_get_their_own_and_a_cross_size_figure(tmp_path):
+  rng = np.random.default_rng(0)
+  workdirs = []
+  for size, params, depth in (("10m", 10_100_000, 8), ("20m", 20_200_000, 11)):
+    for arch in ARCHS:
+      for seed in SEEDS:
+        workdir = str(tmp_path / "runs" / f"{arch}_{size}" / f"seed{seed}")
+        write_fake_run(workdir, f"{arch}_{size},v2", arch, params, seed, depth, rng)
+        workdirs.append(workdir)
+  out = str(tmp_path / "report")
+  assert report.main([*workdirs, "--out", out]) == 0
+  names = set(os.listdir(out))
+  for stem in ("curves_v2_10m", "curves_v2_20m", "curves_v2_vit", "curves_v2_diffvit",
+               "lambda_v2"):
+    check_png(os.path.join(out, stem + ".png"))
+  assert len(read_csv(os.path.join(out, "differences.csv"))) == 2
+  assert {r["size"] for r in read_csv(os.path.join(out, "results.csv"))} == {"10m", "20m"}
+  assert not any(n.startswith("robustness") for n in names)

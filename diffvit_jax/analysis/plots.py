@@ -122,7 +122,7 @@ def lambda_per_layer(groups: list[runs_lib.Group], protocol: str):
   groups = [g for g in groups if g.runs[0].lambda_tags()]
   cols = min(len(groups), 3)
   rows = -(-len(groups) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(5.4 * cols, 4.2 * rows), squeeze=False)
+  fig, axes = plt.subplots(rows, cols, figsize=(6.6 * cols, 4.2 * rows), squeeze=False)
   for ax, group in zip(axes.flat, groups, strict=False):
     tags = group.runs[0].lambda_tags()
     cmap = plt.get_cmap("viridis")
@@ -138,7 +138,9 @@ def lambda_per_layer(groups: list[runs_lib.Group], protocol: str):
     ax.set_xlabel("step")
     ax.set_ylabel(r"$\lambda$")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=8, ncol=2 if len(tags) > 6 else 1, loc="best")
+    # Outside the axes: with a dozen layers the lines fill the panel.
+    ax.legend(fontsize=8, ncol=2 if len(tags) > 14 else 1, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), frameon=False)
   for ax in list(axes.flat)[len(groups):]:
     ax.set_visible(False)
   fig.suptitle(rf"Differential attention: $\lambda$ per layer, protocol {protocol or '?'}"
