@@ -9,10 +9,12 @@ instead of being loaded into the wrong shapes.
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from diffvit_jax.errors import CheckpointError
 
@@ -27,6 +29,10 @@ IDENTITY_FIELDS = {
 def run_identity(config) -> dict[str, Any]:
   return {f"{section}.{name}": config[section][name]
           for section, names in IDENTITY_FIELDS.items() for name in names}
+
+
+def _abstract(tree):
+  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
 
 
 def _encode_iterator_state(state) -> dict:
@@ -74,41 +80,69 @@ class Checkpointer:
           f"({'; '.join(diffs)}). Refusing to load them into this model. Use a new --workdir, "
           "or restore the original config to resume that run.")
 
-  def save(self, step: int, state, iterator_state, *, force: bool = False) -> None:
+  def save(self, step: int, state, iterator_state, train_metrics) -> None:
     self.latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
+        train_metrics=ocp.args.StandardSave(train_metrics),
         data=ocp.args.JsonSave(_encode_iterator_state(iterator_state)),
         meta=ocp.args.JsonSave({"identity": self._identity, "step": step,
-                                "config": json.loads(self._config_json)})), force=force)
+                                "config": json.loads(self._config_json)})), force=True)
 
   def save_best(self, step: int, state, eval_metrics: dict[str, float]) -> None:
     self.best.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave({"identity": self._identity, "step": step,
                                 "metrics": eval_metrics})),
-        metrics={k: float(v) for k, v in eval_metrics.items()})
+        metrics={k: float(v) for k, v in eval_metrics.items()}, force=True)
 
-  def restore(self, state_template, step: int | None = None, *, best: bool = False):
-    """Restores (state, iterator_state) of `step` (default: the latest complete one)."""
-    manager = self.best if best else self.latest
-    step = manager.latest_step() if step is None else step
-    if best:
-      step = manager.best_step()
+  def restore(self, state_template, metrics_template):
+    """(state, iterator_state, train_metrics, step) of the latest checkpoint that restores.
+
+    Orbax never lists a save that was killed before it finished; a listed
+    checkpoint that still fails to read (files damaged afterwards) is skipped
+    with a warning in favour of the one before it.
+    """
+    steps = sorted(self.latest.all_steps(), reverse=True)
+    if not steps:
+      raise CheckpointError(f"No checkpoint in {self.latest.directory}.")
+    self._check_identity(self.latest, steps[0])
+    failures = []
+    for step in steps:
+      try:
+        restored = self.latest.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(state_template)),
+            train_metrics=ocp.args.StandardRestore(_abstract(metrics_template)),
+            data=ocp.args.JsonRestore()))
+      except Exception as e:  # noqa: BLE001 - any damage means: try the previous one.
+        if "do not match" in str(e) or "shape" in str(e).lower():
+          raise CheckpointError(
+              f"Checkpoint {step} in {self.latest.directory} has a different structure from "
+              f"this run's state ({str(e).splitlines()[0]}): the config changed something the "
+              "saved state depends on. Use a new --workdir or the original config.") from e
+        failures.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[:1]}")
+        # Moved aside, not deleted: it no longer blocks re-saving this step,
+        # and its files stay for inspection.
+        damaged = os.path.join(str(self.latest.directory), f"{step}.damaged-{int(time.time())}")
+        os.rename(os.path.join(str(self.latest.directory), str(step)), damaged)
+        self.latest.reload()
+        logging.warning("Checkpoint %d in %s cannot be restored (%s); moved it to %s and trying "
+                        "the previous one.", step, self.latest.directory, e, damaged)
+        continue
+      return (restored["state"], decode_iterator_state(restored["data"]),
+              restored["train_metrics"], step)
+    raise CheckpointError(
+        f"No checkpoint in {self.latest.directory} could be restored into this model: "
+        f"{'; '.join(failures)}.")
+
+  def restore_best(self, state_template):
+    """(state, step) of the checkpoint with the best validation top-1."""
+    step = self.best.best_step()
     if step is None:
-      raise CheckpointError(f"No checkpoint in {manager.directory}.")
-    self._check_identity(manager, step)
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_template)
-    items = {"state": ocp.args.StandardRestore(abstract)}
-    if not best:
-      items["data"] = ocp.args.JsonRestore()
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise CheckpointError(
-          f"Checkpoint {step} in {manager.directory} cannot be restored into this model "
-          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from e
-    iterator_state = None if best else decode_iterator_state(restored["data"])
-    return restored["state"], iterator_state, step
+      raise CheckpointError(f"No best checkpoint in {self.best.directory}.")
+    self._check_identity(self.best, step)
+    restored = self.best.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(state_template))))
+    return restored["state"], step
 
   def wait(self) -> None:
     self.latest.wait_until_finished()

@@ -196,15 +196,15 @@ def validate(config, *, workdir: str | None = None, mode: str = "train",
   if d.train_corruption or d.eval_corruption:
     from diffvit_jax.data import corruptions
 
-    for field in ("data.train_corruption", "data.eval_corruption"):
-      name = _get(config, field)
-      if name and name not in corruptions.CORRUPTIONS:
-        fail(field, f"{name!r} is not a known corruption: "
-             f"{', '.join(sorted(corruptions.CORRUPTIONS))}.")
-    for field in ("data.train_severity", "data.eval_severity"):
-      corrupt = _get(config, field.replace("severity", "corruption"))
-      if corrupt and _get(config, field) not in (1, 2, 3, 4, 5):
-        fail(field, f"must be 1..5 when a corruption is set, got {_get(config, field)!r}.")
+    if d.train_corruption:
+      corruptions.check(d.train_corruption, d.train_severity, "data.train_corruption")
+    if d.eval_corruption:
+      if d.source == "tiny_imagenet_c":  # Read from the published folders, not generated.
+        if d.eval_corruption not in corruptions.PUBLISHED_CORRUPTIONS:
+          fail("data.eval_corruption", f"{d.eval_corruption!r} is not a Tiny-ImageNet-C "
+               f"corruption: {', '.join(corruptions.PUBLISHED_CORRUPTIONS)}.")
+      else:
+        corruptions.check(d.eval_corruption, d.eval_severity, "data.eval_corruption")
   if num_devices is None:
     import jax
 

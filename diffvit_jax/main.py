@@ -10,8 +10,13 @@ can fix (config, data, checkpoints) ends with one paragraph on stderr and a
 non-zero exit, never a traceback; SIGTERM/SIGINT save a checkpoint first.
 """
 
-import json
-import sys
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before any TF import: TF only serves CLU.
+
+import json  # noqa: E402
+import logging as py_logging  # noqa: E402
+import sys  # noqa: E402
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -34,11 +39,20 @@ flags.DEFINE_list("corruptions", [],
                   "--mode eval_corrupted: the corruptions to evaluate (default: all).")
 
 
+class _LibraryInfoFilter(py_logging.Filter):
+  """Drops INFO chatter of orbax (dozens of lines per save); keeps its warnings."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def _run(config, workdir: str, mode: str) -> dict:
   # Imported here so that a bad flag is reported before JAX/TF start up.
-  from diffvit_jax import config_lib, train
+  from diffvit_jax import config_lib
 
   config_lib.validate(config, workdir=workdir, mode=mode)
+  from diffvit_jax import train  # Only now pay for importing TensorFlow (CLU's writers).
+
   if config.train.distributed:
     import jax
 
@@ -60,6 +74,7 @@ def main(argv):
   from diffvit_jax.train import Preempted
 
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   try:
     result = _run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
   except Preempted as e:

@@ -52,6 +52,8 @@ def create_optimizer(train_config, total_steps: int) -> optax.GradientTransforma
       schedule, b1=train_config.b1, b2=train_config.b2,
       weight_decay=train_config.weight_decay,
       mask=lambda params: weight_decay_mask(params, mode))
-  if train_config.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(train_config.grad_clip), adamw)
-  return adamw
+  # The clip is always in the chain (an infinite threshold when off), so the
+  # optimizer state has one structure and a run can resume with clipping
+  # switched on or off.
+  clip = train_config.grad_clip if train_config.grad_clip > 0 else float("inf")
+  return optax.chain(optax.clip_by_global_norm(clip), adamw)

@@ -4,7 +4,6 @@ Data flows one way: grain host batches -> globally sharded batches on a 1-D
 `data` mesh -> the jitted train step -> CLU metrics and orbax checkpoints.
 """
 
-import collections
 import json
 import math
 import os
@@ -74,28 +73,13 @@ class Preempted(Exception):
     self.exit_code = exit_code
 
 
-def _device_batches(train_iter, mesh, depth: int):
-  """Sharded batches, each with the iterator state right after it was drawn.
+def evaluate(eval_step, state, config, mesh, *, corruption: str | None = None,
+             severity: int | None = None):
+  """Loss, top-1 and top-5 over every example of the evaluation split.
 
-  Prefetching reads ahead of the step, so the iterator's live state is ahead
-  of training; the state saved with a checkpoint must be the one that goes
-  with the last batch the step consumed, or a resumed run would skip batches.
+  `corruption=None` evaluates what the config says (`data.eval_corruption`,
+  clean by default); '' forces the clean split.
   """
-  queue = collections.deque()
-
-  def pull():
-    host_batch = next(train_iter)
-    queue.append((sharding.shard_batch(host_batch, mesh), train_iter.get_state()))
-
-  for _ in range(max(depth, 1)):
-    pull()
-  while True:
-    yield queue.popleft()
-    pull()
-
-
-def evaluate(eval_step, state, config, mesh, *, corruption: str = "", severity: int = 0):
-  """Loss, top-1 and top-5 over every example of the evaluation split."""
   collected = None
   for host_batch in input_pipeline.create_eval_iterator(
       config.data, global_batch_size=config.train.eval_batch_size,
@@ -169,8 +153,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
       process_index=jax.process_index(), process_count=jax.process_count())
 
   start_step = 0
+  # Train metrics are accumulated over a logging window and saved with the
+  # checkpoint, so a resumed run logs exactly what an uninterrupted one does.
+  train_metrics = steps.TrainMetrics.empty()
   if ckpt.latest_step() is not None:
-    state, iterator_state, start_step = ckpt.restore(state)
+    state, iterator_state, train_metrics, start_step = ckpt.restore(state, train_metrics)
     train_iter.set_state(iterator_state)
     logging.info("Resumed from the checkpoint at step %d in %s.", start_step, workdir)
 
@@ -199,56 +186,65 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if config.train.profile and is_chief:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
 
-  batches = _device_batches(train_iter, mesh, config.data.prefetch)
+  # Its state is that of the first batch not yet consumed, whatever it prefetched.
+  batches = sharding.prefetch_to_device(train_iter, mesh, config.data.prefetch)
   best_top1 = run_info.get("best_top1", -1.0)
-  train_metrics = None
-  iterator_state = train_iter.get_state()
   eval_metrics = run_info.get("final_eval", {})
-  window_start, window_steps = time.monotonic(), 0
+  window_start = time.monotonic()
   session_start = time.monotonic()
 
-  def save(step):
-    ckpt.save(step, state, iterator_state, force=True)
+  def check_finite(summary):
+    """Stops the run at the first non-finite step (its update was not applied)."""
+    bad = summary.pop("nonfinite")
+    first = min(bad.values())
+    if first == np.iinfo(np.int32).max:
+      return
+    which = min(bad, key=bad.get).replace("_", " ")
+    if config.train.on_nonfinite == "skip":
+      logging.warning("Skipped non-finite steps (the %s, first at step %d).", which, first)
+      return
+    ckpt.wait()
+    raise DivergenceError(
+        f"Training diverged: the {which} was not finite at step {first} (learning rate "
+        f"{summary['learning_rate']:.3g}). That update was not applied and nothing after it "
+        f"was saved; the last good checkpoint is step {ckpt.latest_step()} in {workdir}. "
+        "Lower config.train.learning_rate, set config.train.grad_clip, or set "
+        "config.train.on_nonfinite='skip' to skip such steps.")
 
   with PreemptionGuard() as guard, metric_writers.ensure_flushes(writer):
     step = start_step
     while step < total_steps:
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch, iterator_state = next(batches)
+        batch = next(batches)
         state, step_metrics = train_step(state, batch)
-      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+      train_metrics = train_metrics.merge(step_metrics)
       step += 1
-      window_steps += 1
       for hook in hooks:
         hook(step)
 
       is_last = step == total_steps
-      if step % config.train.log_every == 0 or is_last:
+      log_now = step % config.train.log_every == 0 or is_last
+      eval_now = step % config.train.eval_every == 0 or is_last
+      save_now = step % config.train.checkpoint_every == 0 or is_last
+      preempted = guard.signal_name is not None
+      if log_now or eval_now or save_now or preempted:
+        # The only host synchronisation: nothing unchecked is evaluated or saved.
         summary = train_metrics.compute()
-        bad = summary.pop("nonfinite")
-        if min(bad.values()) < np.iinfo(np.int32).max:
-          which = min(bad, key=bad.get)
-          if config.train.on_nonfinite == "stop":
-            ckpt.wait()
-            raise DivergenceError(
-                f"Training diverged: the {which.replace('_', ' ')} was not finite at step "
-                f"{bad[which]} (learning rate {summary['learning_rate']:.3g}). The update was "
-                f"not applied; the last good checkpoint is step {ckpt.latest_step()} in "
-                f"{workdir}. Lower config.train.learning_rate, set config.train.grad_clip, or "
-                "set config.train.on_nonfinite='skip' to skip such steps.")
-          logging.warning("Skipped non-finite steps (first at %d).", bad[which])
-        elapsed = time.monotonic() - window_start
+        check_finite(summary)
+      if log_now:
+        steps_in_window = int(train_metrics.loss.count)
         scalars = {f"train/{k}": float(v) for k, v in summary.items()}
         scalars["train/epoch"] = step * config.train.batch_size / info.num_train
-        scalars["train/images_per_sec"] = window_steps * config.train.batch_size / elapsed
+        scalars["train/images_per_sec"] = (
+            steps_in_window * config.train.batch_size / (time.monotonic() - window_start))
         lambdas = models.lambda_per_layer(state.params, config.model)
         if lambdas is not None:
           scalars.update({f"lambda/layer_{i + 1}": float(v) for i, v in enumerate(lambdas)})
         writer.write_scalars(step, scalars)
         run_info["images_per_sec"] = scalars["train/images_per_sec"]
-        train_metrics, window_start, window_steps = None, time.monotonic(), 0
+        train_metrics, window_start = steps.TrainMetrics.empty(), time.monotonic()
 
-      if step % config.train.eval_every == 0 or is_last:
+      if eval_now:
         eval_metrics = evaluate(eval_step, state, config, mesh)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
         if eval_metrics["top1"] > best_top1:
@@ -257,11 +253,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         run_info.update(best_top1=best_top1, final_eval=eval_metrics, eval_step=step)
         window_start = time.monotonic()  # Evaluation time is not training throughput.
 
-      if step % config.train.checkpoint_every == 0 or is_last:
-        save(step)
-
-      if guard.signal_name is not None and not is_last:
-        save(step)
+      if save_now or preempted:
+        ckpt.save(step, state, batches.get_state(), train_metrics)
+      if preempted and not is_last:
         ckpt.wait()
         run_info["train_seconds"] += time.monotonic() - session_start
         if is_chief:
@@ -285,7 +279,10 @@ def evaluate_checkpoint(config, workdir: str, *, best: bool = False) -> dict:
   if ckpt.latest_step() is None:
     raise checkpointing.CheckpointError(
         f"No checkpoint in {workdir}: train first (same --config and --workdir).")
-  state, _, step = ckpt.restore(state, best=best)
+  if best:
+    state, step = ckpt.restore_best(state)
+  else:
+    state, _, _, step = ckpt.restore(state, steps.TrainMetrics.empty())
   metrics = evaluate(eval_step, state, config, mesh)
   metrics["step"] = step
   return metrics
