@@ -11,7 +11,9 @@
 #   ./launch.sh report [RUN_DIR...]        plots and tables from runs/ (default: every run)
 #
 # Environment: PYTHON (interpreter for the venv, default python3), EXTRA_ARGS (appended to
-# every training command, e.g. "--config.train.steps=100").
+# every training command, e.g. "--config.train.steps=100"), TFDS_DATA_DIR (where Tiny
+# ImageNet is built, default ~/tensorflow_datasets; put tiny-imagenet-200.zip in
+# $TFDS_DATA_DIR/downloads/manual to skip the download).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -77,8 +79,10 @@ num_gpus() {
 tiny_imagenet() {
   setup
   local protocol="${1:-v2}" sizes="${2:-10m 20m 30m}" seeds="${3:-0}"
-  local gpus jobs=() pids=() i=0
+  local gpus jobs=() pids=() i=0 data_dir="${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}"
   gpus=$(num_gpus)
+  # Download (or take from $data_dir/downloads/manual) and build once; a no-op when built.
+  "$PY" -m diffvit_jax.data.build tiny_imagenet --data_dir "$data_dir"
   for size in $sizes; do
     for arch in vit diffvit; do
       for seed in $seeds; do
@@ -93,14 +97,15 @@ tiny_imagenet() {
     mkdir -p "$workdir"
     if [ "$gpus" -gt 1 ]; then
       echo "== $arch $size seed $seed on GPU $((i % gpus)) -> $workdir (log: $workdir/train.log)"
-      CUDA_VISIBLE_DEVICES=$((i % gpus)) train "$config" "$workdir" \
+      CUDA_VISIBLE_DEVICES=$((i % gpus)) train "$config" "$workdir" --config.data.dir="$data_dir" \
         --config.train.seed="$seed" >"$workdir/train.log" 2>&1 &
       pids+=($!)
       i=$((i + 1))
       if [ "${#pids[@]}" -ge "$gpus" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
     else
       echo "== $arch $size seed $seed -> $workdir"
-      train "$config" "$workdir" --config.train.seed="$seed" 2>&1 | tee -a "$workdir/train.log"
+      train "$config" "$workdir" --config.data.dir="$data_dir" --config.train.seed="$seed" 2>&1 \
+        | tee -a "$workdir/train.log"
     fi
   done
   for pid in "${pids[@]}"; do wait "$pid"; done
@@ -124,5 +129,5 @@ case "$cmd" in
   test) run_tests "$@" ;;
   tiny_imagenet) tiny_imagenet "$@" ;;
   report) report "$@" ;;
-  *) sed -n '2,15p' "$0"; exit 2 ;;
+  *) sed -n '2,18p' "$0"; exit 2 ;;
 esac
