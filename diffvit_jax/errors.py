@@ -28,3 +28,16 @@ class DivergenceError(UserError):
   """Training produced a non-finite loss or gradient norm."""
 
   exit_code = 3
+
+
+class Preempted(Exception):
+  """Training stopped on a signal after saving a checkpoint; rerunning resumes it.
+
+  Not a UserError: nothing is wrong. The exit code is the shell's for the
+  signal (143 for SIGTERM, 130 for SIGINT), so a job script stops rather
+  than starting the next run.
+  """
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code

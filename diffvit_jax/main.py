@@ -21,7 +21,7 @@ import sys  # noqa: E402
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffvit_jax.errors import UserError
+from diffvit_jax.errors import Preempted, UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py:vit.",
@@ -71,8 +71,6 @@ def _run(config, workdir: str, mode: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  from diffvit_jax.train import Preempted
-
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   try:

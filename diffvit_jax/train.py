@@ -18,7 +18,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 
 from diffvit_jax import checkpointing, models, optim, steps
 from diffvit_jax.data import input_pipeline, sharding
-from diffvit_jax.errors import ConfigError, DivergenceError
+from diffvit_jax.errors import ConfigError, DivergenceError, Preempted
 
 RUN_INFO = "run_info.json"
 
@@ -63,14 +63,6 @@ class PreemptionGuard:
   @property
   def exit_code(self) -> int:
     return 128 + getattr(signal, self.signal_name).value
-
-
-class Preempted(Exception):
-  """Training stopped on a signal after saving a checkpoint."""
-
-  def __init__(self, message: str, exit_code: int):
-    super().__init__(message)
-    self.exit_code = exit_code
 
 
 def evaluate(eval_step, state, config, mesh, *, corruption: str | None = None,
