@@ -1,0 +1,54 @@
+"""A short digits run end to end: it learns, logs the named scalars, checkpoints, resumes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from tensorboard.backend.event_processing import event_accumulator
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train(workdir, steps):
+  cmd = [sys.executable, "-m", "diffvit_jax.main", "--config", "configs/digits.py:diffvit",
+         "--workdir", str(workdir), f"--config.train.steps={steps}",
+         "--config.train.eval_every=100", "--config.train.log_every=50",
+         "--config.train.checkpoint_every=100"]
+  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def scalars(workdir):
+  acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+  acc.Reload()
+  return {tag: [e.step for e in acc.Tensors(tag)] for tag in acc.Tags()["tensors"]}
+
+
+def test_digits_run_learns_logs_checkpoints_and_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  first = train(workdir, 200)
+  final = json.loads(first.stdout.strip().splitlines()[-1])
+  assert final["top1"] > 0.5  # Chance is 0.1.
+
+  logged = scalars(workdir)
+  for tag in ("train/loss", "train/accuracy", "train/learning_rate", "train/grad_norm",
+              "train/images_per_sec", "steps_per_sec", "lambda/layer_1", "lambda/layer_4",
+              "eval/loss", "eval/top1", "eval/top5"):
+    assert tag in logged, f"{tag} missing from {sorted(logged)}"
+  assert logged["eval/top1"] == [100, 200]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["100", "200"]
+  assert os.listdir(workdir / "best")
+
+  second = train(workdir, 250)
+  assert "Resumed from the checkpoint at step 200" in second.stderr
+  logged = scalars(workdir)
+  assert logged["eval/top1"] == [100, 200, 250]  # Not restarted from step 0.
+  assert logged["train/loss"] == [50, 100, 150, 200, 250]
+  with open(workdir / "run_info.json") as f:
+    info = json.load(f)
+  assert info["completed_steps"] == 250 and info["eval_step"] == 250
+  assert np.isfinite(info["final_eval"]["loss"])
