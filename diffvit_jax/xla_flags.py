@@ -1,0 +1,83 @@
+"""CPU-backend runtime settings, applied before JAX initialises (the benchmark and main call it).
+
+    from diffvit_jax import xla_flags
+    xla_flags.apply_cpu_defaults()   # first thing, before `import jax` anywhere
+    import jax
+
+Why (measured in benchmarks/RESULTS.md, "Train step on the CPU"):
+
+- Allocator. XLA:CPU allocates one temp buffer per execution for all
+  intermediates (310 MB for the digits step, ~1 GB for a 10m model at batch
+  32) and frees it at the end. glibc serves blocks that large with mmap, so
+  every step page-faults the whole buffer in again: 75k-270k minor faults per
+  step, 0.13-0.5 s of kernel time, a third of the digits step. Telling glibc
+  never to mmap and not to trim (one arena, so that the block is found again
+  whichever thread asks) keeps the buffer mapped across steps: zero faults
+  after the first steps. The cost is that freed memory stays in the process
+  (its peak is kept), which a training process reaches anyway.
+- XLA flags: none is set by default. The measured candidates (oneDNN and
+  XNNPACK fusions, multi-threaded Eigen off, fast math) did not beat XLA's
+  defaults on this jaxlib (0.10, whose CPU dots already go through YNNPACK)
+  by more than the noise; `CPU_XLA_FLAGS` is where one would go.
+
+Only the CPU backend is concerned: nothing is done when an accelerator
+backend is requested (`JAX_PLATFORMS` naming one) or installed (a jax CUDA /
+ROCm plugin, or libtpu), where host memory is not the step's working memory.
+Set `DIFFVIT_CPU_DEFAULTS=0` to skip it all.
+"""
+
+import ctypes
+import importlib.util
+import os
+
+# XLA flags appended to $XLA_FLAGS for the CPU backend (a flag already there wins).
+CPU_XLA_FLAGS: tuple[str, ...] = ()
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                        "jax_rocm7_plugin", "libtpu")
+
+_applied = None
+
+
+def cpu_only() -> bool:
+  """Whether JAX will run on the CPU: asked for explicitly, or no accelerator plugin installed."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").lower()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  return not any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS)
+
+
+def keep_freed_memory_mapped() -> bool:
+  """Makes glibc keep freed blocks (no mmap, no trim, one arena); False if not glibc."""
+  try:
+    libc = ctypes.CDLL(None)
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):
+    return False
+  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+  ok = mallopt(_M_MMAP_MAX, 0)
+  ok &= mallopt(_M_TRIM_THRESHOLD, -1)  # -1: never trim (man mallopt)
+  ok &= mallopt(_M_ARENA_MAX, 1)
+  return bool(ok)
+
+
+def apply_cpu_defaults() -> dict:
+  """Applies the CPU settings once if JAX will run on the CPU; returns what was done."""
+  global _applied
+  if _applied is not None:
+    return _applied
+  _applied = dict(cpu=False, allocator=False, xla_flags=[])
+  if os.environ.get("DIFFVIT_CPU_DEFAULTS", "1") == "0" or not cpu_only():
+    return _applied
+  _applied["cpu"] = True
+  _applied["allocator"] = keep_freed_memory_mapped()
+  current = os.environ.get("XLA_FLAGS", "")
+  extra = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in current]
+  if extra:
+    os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+    _applied["xla_flags"] = extra
+  return _applied
