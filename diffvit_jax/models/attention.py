@@ -14,17 +14,27 @@ the same width, so that one config field means the same thing for all kinds:
   lambda = sigmoid(x W_lambda) per pair.
 
 Two computation paths, chosen by `impl`:
-- 'fused': `jax.nn.dot_product_attention` (implementation=None, XLA/cuDNN choose).
-  It has no attention-probability dropout, so a training step with
-  attn_dropout > 0 takes the einsum path instead.
-- 'einsum': explicit logits, float32 softmax and probabilities; it is the only
-  path that `sow`s the attention maps into 'intermediates' (a no-op unless that
-  collection is mutable, see `models.analysis.attention_maps`).
+- 'fused': no probability tensor kept for the backward pass. On an NVIDIA
+  GPU with 16-bit activations, cuDNN's flash attention through
+  `jax.nn.dot_product_attention(implementation='cudnn')` (jax 0.10's
+  implementation=None always means XLA); elsewhere `xla_attention` /
+  `differential_xla_attention`: XLA ops with a flash-attention-style custom
+  backward pass. For DifferentialAttention, cuDNN needs equal head sizes, so
+  it runs as two calls with v split into halves ('split_v'); the XLA form
+  applies (A1 - lambda A2) to v once, half the probability-value work
+  (`differential_form`). No attention-probability dropout: a training step
+  with attn_dropout > 0 takes the einsum path instead.
+- 'einsum': explicit logits, float32 softmax and probabilities, plain
+  autodiff; it is the only path that `sow`s the attention maps into
+  'intermediates' (a no-op unless that collection is mutable, see
+  `models.analysis.attention_maps`).
+Speeds of the alternatives are in benchmarks/RESULTS.md.
 
 Params stay float32, activations are in `dtype`; logits, softmax and lambda
 are float32.
 """
 
+import functools
 import math
 from typing import Any
 
@@ -32,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffvit_jax.models.dropout import Dropout
 from diffvit_jax.models.norms import HEAD_NORM_EPS, make_norm
 
 Dtype = Any
@@ -68,13 +79,230 @@ def attention_probs(query: jax.Array, key: jax.Array, scale: float) -> jax.Array
   return jax.nn.softmax(logits * scale, axis=-1)
 
 
+def cudnn_usable(dtype, head_dim: int) -> bool:
+  """Whether `jax.nn.dot_product_attention` can take cuDNN's fused kernel here.
+
+  jax 0.10's implementation=None always means XLA (einsum, softmax, einsum),
+  so cuDNN flash attention must be asked for: on an NVIDIA GPU, for 16-bit
+  inputs and head sizes that are multiples of 8 up to 128 (its constraints).
+  """
+  return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+          and head_dim % 8 == 0 and head_dim <= 128)
+
+
+# Without cuDNN, attention is XLA ops: [B, N, T, S] float32 logits and
+# probabilities are materialised (425 MB per layer for the v2 protocol's 576
+# tokens at batch 32). `xla_attention` and `differential_xla_attention` keep
+# none of them for the backward pass (autodiff of the plain formulation kept
+# 16.5 GB for that step); to bound the transient ones too, batches whose
+# probabilities exceed `xla_attention_chunk_bytes()` run in chunks (`lax.map`).
+# Chunking costs time on the CPU (13% of the v2 step with cache-sized chunks),
+# so the threshold only guards memory (benchmarks/RESULTS.md).
+XLA_ATTENTION_CHUNK_BYTES: int | None = None  # overrides the default below; tests, benchmarks
+
+
+def xla_attention_chunk_bytes() -> int:
+  """Largest float32 probability tensor the XLA attention computes in one go."""
+  if XLA_ATTENTION_CHUNK_BYTES is not None:
+    return XLA_ATTENTION_CHUNK_BYTES
+  return 2**30
+
+
+def batch_chunked(fn, *args, bytes_per_example: int):
+  """fn(*args), args batched on axis 0; over batch chunks if one batch is over budget.
+
+  Chunk c holds examples c, c + n, c + 2n, ... (a strided split), so the
+  leading batch axis, the one sharded over devices, stays leading and whole.
+  """
+  budget = xla_attention_chunk_bytes()
+  batch = args[0].shape[0]
+  chunks = next(n for n in range(1, batch + 1)
+                if batch % n == 0 and (batch // n) * bytes_per_example <= budget or n == batch)
+  if chunks == 1:
+    return fn(*args)
+  split = lambda x: jnp.moveaxis(x.reshape(batch // chunks, chunks, *x.shape[1:]), 1, 0)
+  out = jax.lax.map(lambda xs: fn(*xs), tuple(split(x) for x in args))
+  return jnp.moveaxis(out, 0, 1).reshape(batch, *out.shape[2:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def xla_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float) -> jax.Array:
+  """softmax(q k^T * scale) v with a flash-attention-style backward pass; [B,T,N,h] layouts.
+
+  Same function as `jax.nn.dot_product_attention(implementation='xla')`
+  (float32 logits and softmax), but autodiff of that keeps several [B,N,T,S]
+  tensors per layer and spends extra passes over them; this keeps only the
+  output and the log-sum-exp, recomputes the probabilities once in the
+  backward pass and gets the softmax's row term from out . dout (as
+  FlashAttention does). value may have another head size than query and key.
+  """
+  return _xla_attention_fwd(query, key, value, scale)[0]
+
+
+def _xla_attention_fwd(query, key, value, scale):
+  logits = jnp.einsum("btnh,bsnh->bnts", query, key, preferred_element_type=jnp.float32) * scale
+  peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  unnormalised = jnp.exp(logits - peak)
+  total = jnp.sum(unnormalised, axis=-1, keepdims=True)  # [B,N,T,1]
+  out = jnp.einsum("bnts,bsnh->btnh", unnormalised.astype(value.dtype), value,
+                   preferred_element_type=jnp.float32)
+  out = (out / jnp.transpose(total, (0, 2, 1, 3))).astype(value.dtype)
+  return out, (query, key, value, out, peak + jnp.log(total))
+
+
+def _xla_attention_bwd(scale, residuals, dout):
+  query, key, value, out, log_total = residuals
+  logits = jnp.einsum("btnh,bsnh->bnts", query, key, preferred_element_type=jnp.float32) * scale
+  probs = jnp.exp(logits - log_total)
+  dvalue = jnp.einsum("bnts,btnh->bsnh", probs.astype(dout.dtype), dout,
+                      preferred_element_type=jnp.float32)
+  dprobs = jnp.einsum("btnh,bsnh->bnts", dout, value, preferred_element_type=jnp.float32)
+  # sum_s probs * dprobs = out . dout per query: [B,T,N] -> [B,N,T,1].
+  row = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), dout.astype(jnp.float32))
+  dlogits = (probs * (dprobs - row[..., None]) * scale).astype(query.dtype)
+  dquery = jnp.einsum("bnts,bsnh->btnh", dlogits, key, preferred_element_type=jnp.float32)
+  dkey = jnp.einsum("bnts,btnh->bsnh", dlogits, query, preferred_element_type=jnp.float32)
+  return dquery.astype(query.dtype), dkey.astype(key.dtype), dvalue.astype(value.dtype)
+
+
+xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def differential_xla_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                               lam: jax.Array, scale: float) -> jax.Array:
+  """(A1 - lam A2) v with a flash-style backward pass; float32 [B,T,H,2d].
+
+  query/key [B,T,2H,d] (heads 2h, 2h+1 form pair h), value [B,T,H,2d]. The
+  probability-value product is done once, on the difference (half the work of
+  two attention calls with v), and the backward pass keeps only q, k, v and
+  the log-sum-exp of each softmax, as `xla_attention` does.
+  """
+  return _differential_fwd(query, key, value, lam, scale)[0]
+
+
+def _differential_probs(query, key, scale, log_total=None):
+  """(probabilities [B,H,2,T,S], log-sum-exp [B,2H,T,1]), recomputed from log_total if given."""
+  batch, tokens, heads, _ = query.shape
+  logits = jnp.einsum("btnh,bsnh->bnts", query, key, preferred_element_type=jnp.float32) * scale
+  if log_total is None:
+    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    unnormalised = jnp.exp(logits - peak)
+    total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    probs, log_total = unnormalised / total, peak + jnp.log(total)
+  else:
+    probs = jnp.exp(logits - log_total)
+  return probs.reshape(batch, heads // 2, 2, tokens, key.shape[1]), log_total
+
+
+def _differential_fwd(query, key, value, lam, scale):
+  probs, log_total = _differential_probs(query, key, scale)
+  diff = (probs[:, :, 0] - lam * probs[:, :, 1]).astype(value.dtype)
+  out = jnp.einsum("bhts,bshd->bthd", diff, value, preferred_element_type=jnp.float32)
+  return out, (query, key, value, lam, log_total)
+
+
+def _differential_bwd(scale, residuals, dout):
+  query, key, value, lam, log_total = residuals
+  probs, _ = _differential_probs(query, key, scale, log_total)
+  diff = (probs[:, :, 0] - lam * probs[:, :, 1]).astype(value.dtype)
+  dvalue = jnp.einsum("bhts,bthd->bshd", diff, dout.astype(value.dtype),
+                      preferred_element_type=jnp.float32)
+  ddiff = jnp.einsum("bthd,bshd->bhts", dout.astype(value.dtype), value,
+                     preferred_element_type=jnp.float32)
+  dlam = -jnp.sum(ddiff * probs[:, :, 1])
+  dprobs = jnp.stack([ddiff, -lam * ddiff], axis=2)  # [B,H,2,T,S]
+  dlogits = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True)) * scale
+  dlogits = dlogits.reshape(log_total.shape[:3] + (key.shape[1],)).astype(query.dtype)
+  dquery = jnp.einsum("bnts,bsnh->btnh", dlogits, key, preferred_element_type=jnp.float32)
+  dkey = jnp.einsum("bnts,btnh->bsnh", dlogits, query, preferred_element_type=jnp.float32)
+  return (dquery.astype(query.dtype), dkey.astype(key.dtype), dvalue.astype(value.dtype),
+          dlam.astype(lam.dtype))
+
+
+differential_xla_attention.defvjp(_differential_fwd, _differential_bwd)
+
 def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                     scale: float) -> jax.Array:
   """`jax.nn.dot_product_attention`; query [B,T,N,h], key/value [B,S,K,h] -> [B,T,N,h].
 
   K may divide N (grouped queries): query head n then uses key/value head n // (N // K).
+  cuDNN where `cudnn_usable` (a configuration cuDNN turns down at trace
+  time, e.g. with an old cuDNN, falls back); else XLA, batch-chunked.
   """
-  return jax.nn.dot_product_attention(query, key, value, scale=scale, implementation=None)
+  if query.shape[-1] == value.shape[-1] and cudnn_usable(query.dtype, query.shape[-1]):
+    try:
+      return jax.nn.dot_product_attention(query, key, value, scale=scale,
+                                          implementation="cudnn")
+    except (NotImplementedError, RuntimeError, ValueError):
+      pass
+  groups = query.shape[2] // key.shape[2]
+  if groups > 1:  # grouped queries: key/value head n // groups for query head n
+    key, value = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2)
+  _, tokens, heads, _ = query.shape
+  return batch_chunked(functools.partial(xla_attention, scale=scale), query, key, value,
+                       bytes_per_example=4 * heads * tokens * key.shape[1])
+
+
+# How DifferentialAttention's 'fused' impl computes (A1 - lambda A2) v (measured in
+# benchmarks/RESULTS.md, "Differential attention: formulations"):
+#   'split_v'   two `fused_attention` calls, one per half of v, every head of
+#               size d: what cuDNN's flash attention (equal head sizes) can run.
+#   'zero_pad'  one call with q and k zero-padded to 2d and v repeated per pair:
+#               exact, but twice the q.k work and not flash-friendly.
+#   'einsum'    plain autodiff of probabilities, (A1 - lambda A2), one PV product:
+#               keeps [B, 2H, T, S] tensors for the backward pass.
+#   'xla'       `differential_xla_attention`: the 'einsum' arithmetic (half the
+#               PV work of 'split_v') with a flash-style backward pass.
+# None picks 'split_v' where cuDNN runs (GPU, 16-bit) and 'xla' elsewhere.
+DIFFERENTIAL_FUSED_FORM: str | None = None
+DIFFERENTIAL_FORMS = ("split_v", "zero_pad", "einsum", "xla")
+
+
+def differential_form(impl: str, attn_dropout_active: bool, dtype, head_dim: int) -> str:
+  """The formulation DifferentialAttention uses (see DIFFERENTIAL_FUSED_FORM)."""
+  if impl == "einsum" or attn_dropout_active:  # fused kernels have no probability dropout
+    return "einsum"
+  if DIFFERENTIAL_FUSED_FORM is not None:
+    return DIFFERENTIAL_FUSED_FORM
+  return "split_v" if cudnn_usable(dtype, head_dim) else "xla"
+
+
+def differential_fused(query, key, value, lam, scale: float) -> jax.Array:
+  """(A1 - lam A2) v: `differential_xla_attention` over batch chunks; float32 [B,T,H,2d]."""
+  _, tokens, heads, _ = query.shape
+  core = lambda q, k, v: differential_xla_attention(q, k, v, lam, scale)
+  return batch_chunked(core, query, key, value, bytes_per_example=4 * heads * tokens**2)
+
+
+def differential_split_v(query, key, value, lam, scale: float) -> jax.Array:
+  """(A1 - lam A2) v as two `fused_attention` calls at head size d; float32 [B,T,H,2d].
+
+  query/key [B,T,2H,d], value [B,T,H,2d]. Each call takes one half of v,
+  repeated for heads 2h and 2h+1, so its head 2h gives A1 v_half[h] and head
+  2h+1 gives A2 v_half[h].
+  """
+  batch, tokens, pairs, twice_d = value.shape
+  halves = []
+  for half in (value[..., :twice_d // 2], value[..., twice_d // 2:]):
+    both = fused_attention(query, key, jnp.repeat(half, 2, axis=2), scale)
+    halves.append(both.reshape(batch, tokens, pairs, 2, twice_d // 2))
+  both = jnp.concatenate(halves, axis=-1).astype(jnp.float32)
+  return both[..., 0, :] - lam * both[..., 1, :]
+
+
+def differential_zero_pad(query, key, value, lam, scale: float) -> jax.Array:
+  """(A1 - lam A2) v as one `fused_attention` call with q and k zero-padded to 2d.
+
+  Zero-padding leaves q.k (and, with the explicit scale, the softmax)
+  unchanged, so one call computes A1 v[h] and A2 v[h] for every pair (v
+  repeated for heads 2h and 2h+1).
+  """
+  batch, tokens, pairs, twice_d = value.shape
+  pad = [(0, 0), (0, 0), (0, 0), (0, twice_d - query.shape[-1])]
+  both = fused_attention(jnp.pad(query, pad), jnp.pad(key, pad), jnp.repeat(value, 2, axis=2),
+                         scale)
+  both = both.reshape(batch, tokens, pairs, 2, twice_d).astype(jnp.float32)
+  return both[..., 0, :] - lam * both[..., 1, :]
 
 
 class MultiHeadAttention(nn.Module):
@@ -99,14 +327,14 @@ class MultiHeadAttention(nn.Module):
     if self.impl == "einsum" or (train and self.attn_dropout > 0):
       probs = attention_probs(q, k, scale)
       self.sow("intermediates", "attn", probs)
-      probs = nn.Dropout(self.attn_dropout)(probs, deterministic=not train)
+      probs = Dropout(self.attn_dropout)(probs, deterministic=not train)
       out = jnp.einsum("bnts,bsnh->btnh", probs.astype(self.dtype), v)
     else:
       out = fused_attention(q, k, v, scale)
 
     out = projection(width, use_bias=True, dtype=self.dtype, name="out")(
         out.reshape(batch, tokens, width))
-    return nn.Dropout(self.dropout)(out, deterministic=not train)
+    return Dropout(self.dropout)(out, deterministic=not train)
 
 
 class DifferentialAttention(nn.Module):
@@ -141,9 +369,10 @@ class DifferentialAttention(nn.Module):
         *(self.param(name, init, (head_dim,), jnp.float32) for name in LAMBDA_VECTORS),
         layer=self.layer)
 
-    if self.impl == "einsum" or (train and self.attn_dropout > 0):
+    form = differential_form(self.impl, train and self.attn_dropout > 0, q.dtype, head_dim)
+    if form == "einsum":
       probs = attention_probs(q, k, scale)  # [B, 2H, T, S]
-      probs = nn.Dropout(self.attn_dropout)(probs, deterministic=not train)
+      probs = Dropout(self.attn_dropout)(probs, deterministic=not train)
       probs = probs.reshape(batch, pairs, 2, tokens, tokens)
       attn1, attn2 = probs[:, :, 0], probs[:, :, 1]
       diff = attn1 - lam * attn2
@@ -152,19 +381,12 @@ class DifferentialAttention(nn.Module):
       self.sow("intermediates", "lambda", lam)
       self.sow("intermediates", "diff", diff)
       out = jnp.einsum("bhts,bshd->bthd", diff.astype(self.dtype), v).astype(jnp.float32)
+    elif form == "xla":
+      out = differential_fused(q, k, v, lam, scale)
+    elif form == "split_v":
+      out = differential_split_v(q, k, v, lam, scale)
     else:
-      # dot_product_attention wants value heads as large as query/key heads;
-      # ours are twice as large. Zero-padding q and k to 2d leaves q.k (and,
-      # with the explicit scale, the softmax) unchanged, so one call computes
-      # A1 v[h] and A2 v[h] for every pair (v repeated for heads 2h and 2h+1).
-      # Same FLOPs as splitting v into halves and two calls, one softmax less;
-      # but twice the attention-matmul FLOPs of the einsum path, which applies
-      # (A1 - lambda A2) to v once. While implementation=None means XLA (jax
-      # 0.10), 'einsum' is the cheaper path for this module.
-      pad = [(0, 0), (0, 0), (0, 0), (0, head_dim)]
-      both = fused_attention(jnp.pad(q, pad), jnp.pad(k, pad), jnp.repeat(v, 2, axis=2), scale)
-      both = both.reshape(batch, tokens, pairs, 2, 2 * head_dim).astype(jnp.float32)
-      out = both[..., 0, :] - lam * both[..., 1, :]
+      out = differential_zero_pad(q, k, v, lam, scale)
 
     if self.head_norm != "none":
       # One scale vector of size 2d shared by all heads, as timm's sub_norm.
@@ -172,7 +394,7 @@ class DifferentialAttention(nn.Module):
     out = (out * (1.0 - lambda_init(self.layer))).astype(self.dtype)
     out = projection(width, use_bias=True, dtype=self.dtype, name="out")(
         out.reshape(batch, tokens, width))
-    return nn.Dropout(self.dropout)(out, deterministic=not train)
+    return Dropout(self.dropout)(out, deterministic=not train)
 
 
 class DifferentialAttentionV2(nn.Module):
@@ -212,7 +434,7 @@ class DifferentialAttentionV2(nn.Module):
       q = q.reshape(batch, tokens, pairs, 2, head_dim)
       logits = jnp.einsum("bthgd,bshd->bhgts", q, k, preferred_element_type=jnp.float32)
       probs = jax.nn.softmax(logits * scale, axis=-1)
-      probs = nn.Dropout(self.attn_dropout)(probs, deterministic=not train)
+      probs = Dropout(self.attn_dropout)(probs, deterministic=not train)
       attn1, attn2 = probs[:, :, 0], probs[:, :, 1]  # [B, H, T, S]
       lam_q = jnp.transpose(lam, (0, 2, 1))  # [B, H, T]: one lambda per query token
       diff = attn1 - lam_q[..., None] * attn2
@@ -229,4 +451,4 @@ class DifferentialAttentionV2(nn.Module):
 
     out = projection(width, use_bias=True, dtype=self.dtype, name="out")(
         out.reshape(batch, tokens, width))
-    return nn.Dropout(self.dropout)(out, deterministic=not train)
+    return Dropout(self.dropout)(out, deterministic=not train)

@@ -32,6 +32,7 @@ from diffvit_jax.models.attention import (
     DifferentialAttentionV2,
     MultiHeadAttention,
 )
+from diffvit_jax.models.dropout import Dropout
 from diffvit_jax.models.norms import BLOCK_NORM_EPS, make_norm
 
 Dtype = Any
@@ -57,9 +58,9 @@ class MlpBlock(nn.Module):
     width = x.shape[-1]
     x = dense(self.mlp_dim, "fc1")(x)
     x = nn.gelu(x, approximate=False)
-    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = Dropout(self.dropout)(x, deterministic=not train)
     x = dense(width, "fc2")(x)
-    return nn.Dropout(self.dropout)(x, deterministic=not train)
+    return Dropout(self.dropout)(x, deterministic=not train)
 
 
 class EncoderBlock(nn.Module):
@@ -76,7 +77,7 @@ class EncoderBlock(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     # Stochastic depth: drop the whole residual branch per example, scale the
     # kept ones by 1 / (1 - rate) (timm's DropPath with scale_by_keep).
-    drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), name="drop_path")
+    drop_path = Dropout(self.drop_path, broadcast_dims=(1, 2), name="drop_path")
     norm = lambda name: make_norm(self.norm, eps=BLOCK_NORM_EPS, dtype=self.dtype, name=name)
     y = self.attention(name="attn")(norm("norm1")(x), train=train)
     x = x + drop_path(y, deterministic=not train)
@@ -151,7 +152,7 @@ class ViT(nn.Module):
       table = posemb.sincos_2d(grid_h, grid_w, self.width)
       pos = np.pad(table, [(x.shape[1] - table.shape[0], 0), (0, 0)])[None]
     x = x + pos.astype(self.dtype)
-    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = Dropout(self.dropout)(x, deterministic=not train)
 
     rates = stochastic_depth_rates(self.stoch_depth, self.depth)
     for i in range(self.depth):
