@@ -1,0 +1,212 @@
+r"""One training step of our JAX code against timm's PyTorch ViT: same model, batch, precision.
+
+  .venv/bin/python benchmarks/compare_timm.py                 # 10m, both protocols, batch 32
+  .venv/bin/python benchmarks/compare_timm.py --protocols=seed --sizes=10m,20m --rounds=7
+
+For each protocol and size, ViT and DiffViT are built twice: ours (the jitted
+`steps.train_step` of the config, through `diffvit_jax.bench`, on a batch
+already on the device) and timm's `VisionTransformer` from
+`convert.timm_kwargs` (attn_layer 'attn' / 'diff'), holding the same weights
+(`convert.to_timm`). The PyTorch step does what ours does: the config's
+mixup/cutmix (timm's `Mixup`, which mixes each example with its mirror in the
+batch, as ours) and label smoothing, the same loss, the gradient norm (clipped
+when train.grad_clip > 0), AdamW with the config's weight-decay mask, top-1
+of the batch. Not in the PyTorch step: our learning-rate schedule and
+non-finite guard (a few scalar ops). PyTorch runs eagerly (no torch.compile),
+as timm's train script does by default.
+
+Timing alternates frameworks and architectures within each round (the order
+flips every round), `--steps` steps per window; the JAX window waits for its
+results only at its end. Reported: median ms/step and the median of the
+per-round ratios JAX/PyTorch and DiffViT/ViT, so that load shared with other
+processes hits both sides of each ratio alike.
+
+`--threads N` pins the process to N CPUs (before JAX or PyTorch start their
+thread pools) and sets PyTorch's intra-op threads to N; XLA sizes its pool
+from the same affinity.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+_PROTOCOLS = flags.DEFINE_list("protocols", ["seed", "v2"],
+                               "Protocols of configs/tiny_imagenet.py.")
+_SIZES = flags.DEFINE_list("sizes", ["10m"], "Model sizes (10m, 20m, 30m).")
+_ARCHS = flags.DEFINE_list("archs", ["vit", "diffvit"], "Architectures ('vit' and 'diffvit').")
+_BATCH = flags.DEFINE_integer("batch", 32, "Batch size, the same for both frameworks.")
+_STEPS = flags.DEFINE_integer("steps", 2, "Steps per timed window.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternation rounds; medians are over rounds.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per model first.")
+_THREADS = flags.DEFINE_integer("threads", 0, "CPUs for both frameworks (0 = all available).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_IMPL = flags.DEFINE_string("attention_impl", "", "Override config.model.attention_impl.")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run as a script from anywhere
+
+
+def _load_tiny_imagenet_configs():
+  from configs import tiny_imagenet
+
+  return tiny_imagenet
+
+
+class JaxStep:
+  def __init__(self, config, batch_size: int):
+    from diffvit_jax import bench
+
+    self._bench = bench
+    self.step, self.state, self.batch = bench.build_train_step(config, batch_size)
+
+  def run(self, num_steps: int) -> float:
+    self.state, seconds = self._bench.time_steps(self.step, self.state, self.batch, num_steps)
+    return seconds / num_steps
+
+
+class TorchStep:
+  """timm's ViT, trained as `steps.train_step` trains ours."""
+
+  def __init__(self, config, batch_size: int, params, host_batch):
+    import numpy as np
+    import torch
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.models.vision_transformer import VisionTransformer
+
+    from diffvit_jax import convert
+
+    self._torch = torch
+    m, t, size = config.model, config.train, config.data.image_size
+    self.model = VisionTransformer(**convert.timm_kwargs(m, size)).train()
+    self.model.load_state_dict(convert.to_timm(params, m, size))
+    decay, no_decay = [], []
+    for name, p in self.model.named_parameters():
+      # Our 'matrices' mask decays exactly the Dense/Conv kernels: timm's 2-D+ '.weight's.
+      is_kernel = name.endswith(".weight") and p.ndim >= 2
+      (decay if t.weight_decay_mask == "all" or is_kernel else no_decay).append(p)
+    self.optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.learning_rate, betas=(t.b1, t.b2), eps=1e-8)  # optax.adamw's eps
+    self.grad_clip = t.grad_clip
+    if t.mixup_alpha > 0 or t.cutmix_alpha > 0:
+      self.mixup = Mixup(mixup_alpha=t.mixup_alpha, cutmix_alpha=t.cutmix_alpha,
+                         prob=t.mix_prob, switch_prob=0.5, mode="batch",
+                         label_smoothing=t.label_smoothing, num_classes=m.num_classes)
+      self.loss = SoftTargetCrossEntropy()
+    else:
+      self.mixup = None
+      self.loss = torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    self.autocast = m.dtype == "bfloat16"
+    self.images = torch.from_numpy(np.ascontiguousarray(host_batch["image"].transpose(0, 3, 1, 2)))
+    self.labels = torch.from_numpy(host_batch["label"].astype(np.int64))
+    del batch_size
+
+  def _step(self):
+    torch = self._torch
+    images, labels = self.images, self.labels
+    targets = labels
+    if self.mixup is not None:
+      images, targets = self.mixup(images.clone(), labels)
+    self.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+      logits = self.model(images)
+    loss = self.loss(logits.float(), targets)
+    loss.backward()
+    params = [p for p in self.model.parameters() if p.grad is not None]
+    if self.grad_clip > 0:
+      grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+    else:
+      grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    self.optimizer.step()
+    accuracy = (logits.argmax(-1) == labels).float().mean()
+    return loss.detach(), grad_norm, accuracy
+
+  def run(self, num_steps: int) -> float:
+    import time
+
+    start = time.perf_counter()
+    for _ in range(num_steps):
+      self._step()
+    return (time.perf_counter() - start) / num_steps
+
+
+def paired_ratio(times: dict, a, b) -> float:
+  """Median over rounds of time[a] / time[b] (both measured in the same round)."""
+  import statistics
+
+  return round(statistics.median(x / y for x, y in zip(times[a], times[b], strict=True)), 3)
+
+
+def main(argv):
+  del argv
+  if _THREADS.value > 0:
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:_THREADS.value])
+  import datetime
+  import json
+  import platform
+  import statistics
+  import time
+
+  import numpy as np
+  import torch
+
+  from diffvit_jax import xla_flags
+
+  cpu_defaults = xla_flags.apply_cpu_defaults()  # as training does, before JAX starts
+  import jax
+
+  from diffvit_jax import bench
+
+  threads = len(os.sched_getaffinity(0))
+  torch.set_num_threads(threads)
+  tiny_imagenet = _load_tiny_imagenet_configs()
+  print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
+        f"{threads} CPUs, jax {jax.__version__} ({jax.devices()[0].device_kind}), "
+        f"torch {torch.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"load {os.getloadavg()}, CPU defaults {cpu_defaults}", flush=True)
+  results = []
+  for protocol in _PROTOCOLS.value:
+    for size in _SIZES.value:
+      runners = {}
+      for arch in _ARCHS.value:
+        config = tiny_imagenet.get_config(f"{arch}_{size},{protocol}")
+        config.model.dtype = _DTYPE.value
+        if _IMPL.value:
+          config.model.attention_impl = _IMPL.value
+        jax_step = JaxStep(config, _BATCH.value)
+        params = jax.tree_util.tree_map(np.asarray, jax_step.state.params)
+        host_batch = bench.synthetic_batch(config, _BATCH.value)
+        runners[(arch, "jax")] = jax_step
+        runners[(arch, "torch")] = TorchStep(config, _BATCH.value, params, host_batch)
+      for runner in runners.values():
+        runner.run(_WARMUP.value)  # compiles / first-touches
+      times = {key: [] for key in runners}
+      cpu = {key: [] for key in runners}
+      for r in range(_ROUNDS.value):
+        order = list(runners) if r % 2 == 0 else list(reversed(runners))
+        for key in order:
+          cpu_start = time.process_time()
+          times[key].append(1e3 * runners[key].run(_STEPS.value))
+          cpu[key].append(1e3 * (time.process_time() - cpu_start) / _STEPS.value)
+        print(f"{protocol} {size} round {r}: " + ", ".join(
+            f"{a}/{f} {times[(a, f)][-1]:.0f} (cpu {cpu[(a, f)][-1]:.0f})" for a, f in runners)
+              + " ms/step", flush=True)
+      row = dict(protocol=protocol, size=size, batch=_BATCH.value, dtype=_DTYPE.value,
+                 ms={f"{a}/{f}": round(statistics.median(t), 1) for (a, f), t in times.items()},
+                 cpu_ms={f"{a}/{f}": round(statistics.median(t), 1) for (a, f), t in cpu.items()})
+      for arch in _ARCHS.value:
+        row[f"{arch}_jax_over_torch"] = paired_ratio(times, (arch, "jax"), (arch, "torch"))
+      if {"vit", "diffvit"} <= set(_ARCHS.value):
+        for fw in ("jax", "torch"):
+          row[f"diffvit_over_vit_{fw}"] = paired_ratio(times, ("diffvit", fw), ("vit", fw))
+      print(json.dumps(row), flush=True)
+      results.append(row)
+  print(f"load after: {os.getloadavg()}")
+  print(json.dumps(results))
+
+
+if __name__ == "__main__":
+  app.run(main)

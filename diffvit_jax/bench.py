@@ -1,0 +1,223 @@
+r"""Throughput of the real train step (or of the input pipeline) for one config.
+
+  python -m diffvit_jax.bench --config configs/tiny_imagenet.py:diffvit_10m \
+      [--batch 256] [--steps 20] [--warmup 3] [--config.model.dtype=bfloat16]
+  python -m diffvit_jax.bench --config configs/digits.py:vit --pipeline
+  python -m diffvit_jax.bench --config configs/tiny_imagenet.py:vit_10m --pipeline \
+      --config.data.source=digits        # no Tiny ImageNet build needed
+
+Step mode times exactly what training runs: `steps.create_train_state` and
+`steps.jit_steps` of the config, fed synthetic batches that are already
+sharded on the device mesh (`sharding.shard_batch`), so the number is the
+step alone, not the input pipeline. Steps are dispatched back to back and
+the host waits only at the end of each timed window (as the training loop,
+which syncs only to log). `step_ms` is the median over `--repeats` windows
+of `--steps` steps each, after `--warmup` untimed steps (the first of which
+compiles; its wall time is `compile_s`).
+
+Pipeline mode times `input_pipeline.create_train_iterator` alone (host
+batches of the config's augmentation, no device transfer): tiny_imagenet
+configs need the built data set, or `--config.data.source=digits` to run the
+same augmentation on the embedded digits.
+
+Human-readable lines go to stderr; the last stdout line is one JSON object:
+arch, params, gflops_per_image (as `describe`), batch, images_per_sec,
+step_ms, compile_s, device_kind, num_devices, dtype and mfu (achieved model
+FLOP/s over the devices' peak dense FLOP/s from `PEAK_TFLOPS`; null where
+the device is not in the table, e.g. the CPU).
+
+On the CPU, `diffvit_jax.xla_flags.apply_cpu_defaults()` runs first (as in
+training); scripts importing this module call it themselves before JAX starts.
+Nothing here imports TensorFlow: it runs on the GPU machine, which has none.
+"""
+
+from diffvit_jax import xla_flags
+
+if __name__ == "__main__":
+  xla_flags.apply_cpu_defaults()  # Before jax initialises its backends.
+
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from diffvit_jax import models, optim, steps  # noqa: E402
+from diffvit_jax.data import sharding  # noqa: E402
+from diffvit_jax.errors import UserError  # noqa: E402
+from diffvit_jax.models import stats  # noqa: E402
+
+# Peak dense (no sparsity) TFLOP/s per device from the vendors' data sheets,
+# by compute dtype. 'float32' is what float32 matmuls run at under JAX's
+# default precision: TF32 tensor cores on NVIDIA Ampere and later, one bf16
+# pass on TPUs. Keys are matched as substrings of the lower-cased
+# `device.device_kind`, first match wins (so more specific names come first).
+PEAK_TFLOPS = (
+    ("h100 pcie", {"bfloat16": 756.0, "float32": 378.0}),
+    ("h100 nvl", {"bfloat16": 835.0, "float32": 417.5}),
+    ("h100", {"bfloat16": 989.4, "float32": 494.7}),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("h200 nvl", {"bfloat16": 835.0, "float32": 417.5}),
+    ("h200", {"bfloat16": 989.4, "float32": 494.7}),
+    ("gh200", {"bfloat16": 989.4, "float32": 494.7}),
+    ("b200", {"bfloat16": 2250.0, "float32": 1100.0}),
+    ("a100", {"bfloat16": 312.0, "float32": 156.0}),
+    ("l40s", {"bfloat16": 362.0, "float32": 183.0}),
+    ("l4", {"bfloat16": 121.0, "float32": 60.0}),
+    ("a10", {"bfloat16": 125.0, "float32": 62.5}),
+    ("tpu v4", {"bfloat16": 275.0, "float32": 275.0}),
+    ("tpu v5 lite", {"bfloat16": 197.0, "float32": 197.0}),
+    ("tpu v5p", {"bfloat16": 459.0, "float32": 459.0}),
+    ("tpu v5", {"bfloat16": 459.0, "float32": 459.0}),
+    ("tpu v6 lite", {"bfloat16": 918.0, "float32": 918.0}),
+)
+
+
+def peak_flops_per_device(device_kind: str, dtype: str) -> float | None:
+  """Peak dense FLOP/s of one device of `device_kind` at `dtype`, or None if unknown."""
+  kind = device_kind.lower()
+  if "gh200" in kind:
+    kind = "gh200"
+  for key, peaks in PEAK_TFLOPS:
+    if key in kind:
+      return peaks[dtype] * 1e12 if dtype in peaks else None
+  return None
+
+
+def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict:
+  """A host batch shaped like the input pipeline's: normalised float32 images and int32 labels."""
+  rng = np.random.default_rng(seed)
+  size = config.data.image_size
+  return {"image": rng.standard_normal((batch_size, size, size, 3), dtype=np.float32),
+          "label": rng.integers(0, config.model.num_classes, batch_size, dtype=np.int32)}
+
+
+def build_train_step(config, batch_size: int, mesh=None, total_steps: int = 10_000):
+  """(jitted train step, initial state, sharded synthetic batch), as training builds them."""
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  model = models.build_model(config.model)
+  tx = optim.create_optimizer(config.train, total_steps)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  init = jax.jit(lambda rng: steps.create_train_state(rng, model, config.data.image_size, tx),
+                 out_shardings=replicated)
+  state = init(jax.random.key(config.train.seed))
+  train_step, _ = steps.jit_steps(config, mesh, total_steps)
+  batch = sharding.shard_batch(synthetic_batch(config, batch_size), mesh)
+  return train_step, state, batch
+
+
+def time_steps(train_step, state, batch, num_steps: int):
+  """(new state, seconds) for `num_steps` steps dispatched back to back, one wait at the end."""
+  start = time.perf_counter()
+  for _ in range(num_steps):
+    state, _ = train_step(state, batch)
+  jax.block_until_ready(state)
+  return state, time.perf_counter() - start
+
+
+def bench_step(config, batch_size: int, num_steps: int, warmup: int, repeats: int) -> dict:
+  mesh = sharding.make_mesh()
+  train_step, state, batch = build_train_step(config, batch_size, mesh)
+  start = time.perf_counter()
+  state, _ = train_step(state, batch)  # compiles
+  jax.block_until_ready(state)
+  compile_s = time.perf_counter() - start
+  if warmup > 1:
+    state, _ = time_steps(train_step, state, batch, warmup - 1)
+  windows = []
+  for _ in range(repeats):
+    state, seconds = time_steps(train_step, state, batch, num_steps)
+    windows.append(seconds / num_steps)
+    print(f"window: {1e3 * windows[-1]:.1f} ms/step", file=sys.stderr)
+  step_s = statistics.median(windows)
+  images_per_sec = batch_size / step_s
+  gflops = stats.gflops_per_image(config.model, config.data.image_size)
+  devices = mesh.devices.ravel()
+  peak = peak_flops_per_device(devices[0].device_kind, config.model.dtype)
+  mfu = None if peak is None else gflops * 1e9 * images_per_sec / (peak * len(devices))
+  return dict(step_ms=round(1e3 * step_s, 3), step_ms_windows=[round(1e3 * w, 3) for w in windows],
+              images_per_sec=round(images_per_sec, 2), compile_s=round(compile_s, 3),
+              mfu=None if mfu is None else round(mfu, 4))
+
+
+def bench_pipeline(config, batch_size: int, num_batches: int, warmup: int, repeats: int) -> dict:
+  from diffvit_jax.data import input_pipeline
+
+  start = time.perf_counter()
+  iterator = input_pipeline.create_train_iterator(
+      config.data, global_batch_size=batch_size, seed=config.train.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  for _ in range(max(warmup, 1)):  # absorbs thread / worker start-up
+    next(iterator)
+  startup_s = time.perf_counter() - start
+  windows = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(num_batches):
+      next(iterator)
+    windows.append((time.perf_counter() - start) / num_batches)
+    print(f"window: {batch_size / windows[-1]:.0f} images/s", file=sys.stderr)
+  batch_s = statistics.median(windows)
+  host_batch = batch_size // jax.process_count()
+  return dict(step_ms=round(1e3 * batch_s, 3), images_per_sec=round(host_batch / batch_s, 2),
+              compile_s=round(startup_s, 3), mfu=None, source=config.data.source,
+              num_workers=config.data.num_workers, read_threads=config.data.read_threads)
+
+
+def run(config, *, batch_size: int | None, num_steps: int, warmup: int, repeats: int,
+        pipeline: bool) -> dict:
+  batch_size = batch_size or config.train.batch_size
+  if num_steps < 1 or repeats < 1 or warmup < 0:
+    raise UserError("--steps and --repeats must be >= 1 and --warmup >= 0.")
+  if batch_size % jax.device_count():
+    raise UserError(f"--batch {batch_size} is not divisible by the {jax.device_count()} devices.")
+  model = config.model
+  summary = dict(
+      name=config.get("name", ""), mode="pipeline" if pipeline else "step", arch=model.arch,
+      params=stats.count_params(model, config.data.image_size)["total"],
+      gflops_per_image=round(stats.gflops_per_image(model, config.data.image_size), 4),
+      batch=batch_size, dtype=model.dtype, attention_impl=model.attention_impl,
+      device_kind=jax.devices()[0].device_kind, num_devices=jax.device_count(),
+      platform=jax.devices()[0].platform)
+  if pipeline:
+    summary.update(bench_pipeline(config, batch_size, num_steps, warmup, repeats))
+  else:
+    summary.update(bench_step(config, batch_size, num_steps, warmup, repeats))
+  return summary
+
+
+def _define_flags():
+  """Command-line flags, defined only when run as a program (other scripts import this module)."""
+  return dict(
+      config=config_flags.DEFINE_config_file(
+          "config", None, "Config file, e.g. configs/tiny_imagenet.py:vit_10m.",
+          lock_config=True),
+      batch=flags.DEFINE_integer("batch", None,
+                                 "Global batch size (default: config.train.batch_size)."),
+      steps=flags.DEFINE_integer("steps", 10, "Timed steps (or pipeline batches) per window."),
+      warmup=flags.DEFINE_integer("warmup", 2, "Untimed steps first; the first one compiles."),
+      repeats=flags.DEFINE_integer("repeats", 3, "Timed windows; step_ms is their median."),
+      pipeline=flags.DEFINE_bool("pipeline", False,
+                                 "Time the input pipeline instead of the step."))
+
+
+def main(argv, flag_values):
+  del argv
+  try:
+    if flag_values["config"].value is None:
+      raise UserError("--config is required, e.g. --config configs/tiny_imagenet.py:vit_10m.")
+    value = lambda name: flag_values[name].value
+    summary = run(value("config"), batch_size=value("batch"), num_steps=value("steps"),
+                  warmup=value("warmup"), repeats=value("repeats"), pipeline=value("pipeline"))
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  _FLAGS = _define_flags()
+  app.run(lambda argv: main(argv, _FLAGS))

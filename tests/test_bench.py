@@ -1,0 +1,86 @@
+"""`python -m diffvit_jax.bench`: the JSON summary of the step and pipeline modes, no TensorFlow."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from diffvit_jax import bench, xla_flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = ("arch", "params", "gflops_per_image", "batch", "images_per_sec", "step_ms", "compile_s",
+          "device_kind", "num_devices", "dtype", "mfu")
+
+
+def run_bench(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)  # one CPU device, whatever the calling test session simulates
+  return subprocess.run([sys.executable, "-m", "diffvit_jax.bench", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+def last_json(run):
+  assert run.returncode == 0, run.stderr[-3000:]
+  return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_step_mode_prints_all_fields():
+  # A smaller digits model keeps the compile short; the step is the training one.
+  summary = last_json(run_bench(
+      "--config", "configs/digits.py:diffvit", "--batch", "16", "--steps", "2", "--warmup", "1",
+      "--repeats", "1", "--config.model.width=32", "--config.model.depth=2",
+      "--config.model.mlp_dim=64"))
+  for field in FIELDS:
+    assert field in summary, field
+  assert summary["arch"] == "diffvit" and summary["batch"] == 16
+  assert summary["dtype"] == "float32" and summary["num_devices"] == 1
+  assert summary["device_kind"] == "cpu"
+  assert summary["mfu"] is None  # no peak FLOP/s is known for a CPU
+  for field in ("params", "gflops_per_image", "images_per_sec", "step_ms", "compile_s"):
+    assert summary[field] > 0, field
+
+
+def test_pipeline_mode_on_digits():
+  summary = last_json(run_bench(
+      "--config", "configs/digits.py:vit", "--pipeline", "--batch", "32", "--steps", "3",
+      "--warmup", "1", "--repeats", "1"))
+  assert summary["mode"] == "pipeline" and summary["images_per_sec"] > 0
+  assert summary["mfu"] is None and summary["source"] == "digits"
+
+
+def test_bad_config_is_one_clear_error():
+  run = run_bench("--config", "configs/digits.py:vit", "--config.model.num_heads=5")
+  assert run.returncode == 2
+  assert "num_heads" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_importing_bench_does_not_import_tensorflow():
+  code = ("import sys, diffvit_jax.bench, diffvit_jax.steps; "
+          "print('tensorflow' in sys.modules)")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert run.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("kind, dtype, peak", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4e12),
+    ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+    ("NVIDIA H200", "float32", 494.7e12),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
+    ("NVIDIA L4", "bfloat16", 121e12),
+    ("cpu", "float32", None),
+    ("NVIDIA GeForce GTX 1080", "bfloat16", None),
+])
+def test_peak_flops_table(kind, dtype, peak):
+  assert bench.peak_flops_per_device(kind, dtype) == peak
+
+
+def test_cpu_defaults_only_on_the_cpu(monkeypatch):
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+  assert not xla_flags.cpu_only()
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert xla_flags.cpu_only()
