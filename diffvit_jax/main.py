@@ -14,14 +14,18 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before any TF import: TF only serves CLU.
 
+from diffvit_jax import xla_flags  # noqa: E402
+
+xla_flags.apply_cpu_defaults()  # Before JAX initialises: see benchmarks/RESULTS.md.
+
 import json  # noqa: E402
 import logging as py_logging  # noqa: E402
 import sys  # noqa: E402
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from diffvit_jax.errors import Preempted, UserError
+from diffvit_jax.errors import Preempted, UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py:vit.",
