@@ -16,8 +16,9 @@ def get_config(arch: str = "vit"):
   config.name = f"{arch}_digits"
   config.protocol = "digits"
   # 8x8 inputs in 2x2 patches: 16 tokens keep a step cheap on 2 CPU cores.
-  # Measured here (800 steps, 2026-11-25): both archs 96-97% validation top-1;
-  # random pad-and-crop cost ~2 points at this budget, so it is off.
+  # Measured here (2026-11-25): at 800 steps ViT 97.8%, DiffViT 95.6-96.9%
+  # validation top-1 across reruns; 1000 steps gives DiffViT 96.1% with margin.
+  # Random pad-and-crop cost ~2 points at this budget, so it is off.
   config.model = config_lib.model_config(
       arch=arch, width=64, depth=4, num_heads=4, mlp_dim=128, patch_size=2, pool="gap",
       posemb="learn", norm="layernorm", attn_bias=True, stoch_depth=0.1, num_classes=10)
@@ -27,6 +28,6 @@ def get_config(arch: str = "vit"):
   config.data.std = (0.5, 0.5, 0.5)
   config.train.update(
       batch_size=128, eval_batch_size=120, learning_rate=5e-3, warmup_steps=50,
-      steps=800, weight_decay=0.05, weight_decay_mask="matrices", grad_clip=1.0,
-      label_smoothing=0.1, eval_every=200, checkpoint_every=400, log_every=100)
+      steps=1000, weight_decay=0.05, weight_decay_mask="matrices", grad_clip=1.0,
+      label_smoothing=0.1, eval_every=250, checkpoint_every=500, log_every=100)
   return config
