@@ -2,6 +2,8 @@ r"""Throughput of the real train step (or of the input pipeline) for one config.
 
   python -m diffvit_jax.bench --config configs/tiny_imagenet.py:diffvit_10m \
       [--batch 256] [--steps 20] [--warmup 3] [--config.model.dtype=bfloat16]
+  python -m diffvit_jax.bench --config configs/tiny_imagenet.py:diffvit_10m \
+      --config.model.dtype=bfloat16 --differential_form=xla   # vs the default split_v on GPU
   python -m diffvit_jax.bench --config configs/digits.py:vit --pipeline
   python -m diffvit_jax.bench --config configs/tiny_imagenet.py:vit_10m --pipeline \
       --config.data.source=digits        # no Tiny ImageNet build needed
@@ -49,7 +51,7 @@ from ml_collections import config_flags  # noqa: E402
 from diffvit_jax import models, optim, steps  # noqa: E402
 from diffvit_jax.data import sharding  # noqa: E402
 from diffvit_jax.errors import UserError  # noqa: E402
-from diffvit_jax.models import stats  # noqa: E402
+from diffvit_jax.models import attention, stats  # noqa: E402
 
 # Peak dense (no sparsity) TFLOP/s per device from the vendors' data sheets,
 # by compute dtype. 'float32' is what float32 matmuls run at under JAX's
@@ -167,6 +169,10 @@ def bench_pipeline(config, batch_size: int, num_batches: int, warmup: int, repea
               num_workers=config.data.num_workers, read_threads=config.data.read_threads)
 
 
+def stats_dtype(name: str):
+  return jax.numpy.bfloat16 if name == "bfloat16" else jax.numpy.float32
+
+
 def run(config, *, batch_size: int | None, num_steps: int, warmup: int, repeats: int,
         pipeline: bool) -> dict:
   batch_size = batch_size or config.train.batch_size
@@ -180,6 +186,9 @@ def run(config, *, batch_size: int | None, num_steps: int, warmup: int, repeats:
       params=stats.count_params(model, config.data.image_size)["total"],
       gflops_per_image=round(stats.gflops_per_image(model, config.data.image_size), 4),
       batch=batch_size, dtype=model.dtype, attention_impl=model.attention_impl,
+      differential_form=(attention.differential_form(
+          model.attention_impl, model.attn_dropout > 0, stats_dtype(model.dtype),
+          model.width // model.num_heads) if model.arch == "diffvit" else None),
       device_kind=jax.devices()[0].device_kind, num_devices=jax.device_count(),
       platform=jax.devices()[0].platform)
   if pipeline:
@@ -201,7 +210,11 @@ def _define_flags():
       warmup=flags.DEFINE_integer("warmup", 2, "Untimed steps first; the first one compiles."),
       repeats=flags.DEFINE_integer("repeats", 3, "Timed windows; step_ms is their median."),
       pipeline=flags.DEFINE_bool("pipeline", False,
-                                 "Time the input pipeline instead of the step."))
+                                 "Time the input pipeline instead of the step."),
+      differential_form=flags.DEFINE_enum(
+          "differential_form", None, list(attention.DIFFERENTIAL_FORMS),
+          "How DifferentialAttention's fused impl computes (A1 - lambda A2) v (default: "
+          "'split_v' where cuDNN runs, else 'xla'); to compare them on a new machine."))
 
 
 def main(argv, flag_values):
@@ -210,6 +223,8 @@ def main(argv, flag_values):
     if flag_values["config"].value is None:
       raise UserError("--config is required, e.g. --config configs/tiny_imagenet.py:vit_10m.")
     value = lambda name: flag_values[name].value
+    if value("differential_form"):
+      attention.DIFFERENTIAL_FUSED_FORM = value("differential_form")
     summary = run(value("config"), batch_size=value("batch"), num_steps=value("steps"),
                   warmup=value("warmup"), repeats=value("repeats"), pipeline=value("pipeline"))
   except UserError as e:
