@@ -96,7 +96,8 @@ def cudnn_usable(dtype, head_dim: int) -> bool:
 # none of them for the backward pass (autodiff of the plain formulation kept
 # 16.5 GB for that step); to bound the transient ones too, batches whose
 # probabilities exceed `xla_attention_chunk_bytes()` run in chunks (`lax.map`).
-# Chunking costs time on the CPU (13% of the v2 step with cache-sized chunks),
+# Chunks cost time on the CPU (+13% of the v2 step with cache-sized ones, +2%
+# with two 256 MB ones, which halve the step's temporaries from 14 to 7.6 GB),
 # so the threshold only guards memory (benchmarks/RESULTS.md).
 XLA_ATTENTION_CHUNK_BYTES: int | None = None  # overrides the default below; tests, benchmarks
 
@@ -105,7 +106,7 @@ def xla_attention_chunk_bytes() -> int:
   """Largest float32 probability tensor the XLA attention computes in one go."""
   if XLA_ATTENTION_CHUNK_BYTES is not None:
     return XLA_ATTENTION_CHUNK_BYTES
-  return 2**30
+  return 2**28 if jax.default_backend() == "cpu" else 2**30
 
 
 def batch_chunked(fn, *args, bytes_per_example: int):
