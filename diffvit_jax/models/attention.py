@@ -42,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffvit_jax.models.dense import dense_dot_general
 from diffvit_jax.models.dropout import Dropout
 from diffvit_jax.models.norms import HEAD_NORM_EPS, make_norm
 
@@ -70,7 +71,7 @@ def projection(features: int, *, use_bias: bool, dtype: Dtype, name: str) -> nn.
   """A Dense with float32 params, xavier-uniform kernel and zero bias (as timm's 'jax' init)."""
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                   kernel_init=nn.initializers.xavier_uniform(),
-                  bias_init=nn.initializers.zeros, name=name)
+                  bias_init=nn.initializers.zeros, dot_general=dense_dot_general, name=name)
 
 
 def attention_probs(query: jax.Array, key: jax.Array, scale: float) -> jax.Array:

@@ -32,6 +32,7 @@ from diffvit_jax.models.attention import (
     DifferentialAttentionV2,
     MultiHeadAttention,
 )
+from diffvit_jax.models.dense import dense_dot_general
 from diffvit_jax.models.dropout import Dropout
 from diffvit_jax.models.norms import BLOCK_NORM_EPS, make_norm
 
@@ -54,7 +55,8 @@ class MlpBlock(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     dense = lambda features, name: nn.Dense(
         features, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros, name=name)
+        kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
+        dot_general=dense_dot_general, name=name)
     width = x.shape[-1]
     x = dense(self.mlp_dim, "fc1")(x)
     x = nn.gelu(x, approximate=False)
