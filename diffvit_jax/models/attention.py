@@ -17,13 +17,15 @@ Two computation paths, chosen by `impl`:
 - 'fused': no probability tensor kept for the backward pass. On an NVIDIA
   GPU with 16-bit activations, cuDNN's flash attention through
   `jax.nn.dot_product_attention(implementation='cudnn')` (jax 0.10's
-  implementation=None always means XLA); elsewhere `xla_attention` /
+  implementation=None always means XLA); on a single CPU device with float32
+  activations, the C++ kernel of `diffvit_jax.kernels.cpu_attention` (all
+  three kinds; XLA:CPU has no fused attention); elsewhere `xla_attention` /
   `differential_xla_attention`: XLA ops with a flash-attention-style custom
   backward pass. For DifferentialAttention, cuDNN needs equal head sizes, so
-  it runs as two calls with v split into halves ('split_v'); the XLA form
-  applies (A1 - lambda A2) to v once, half the probability-value work
-  (`differential_form`). No attention-probability dropout: a training step
-  with attn_dropout > 0 takes the einsum path instead.
+  it runs as two calls with v split into halves ('split_v'); the CPU kernel
+  and the XLA form apply (A1 - lambda A2) to v once, half the
+  probability-value work (`differential_form`). No attention-probability
+  dropout: a training step with attn_dropout > 0 takes the einsum path instead.
 - 'einsum': explicit logits, float32 softmax and probabilities, plain
   autodiff; it is the only path that `sow`s the attention maps into
   'intermediates' (a no-op unless that collection is mutable, see
@@ -42,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffvit_jax.kernels import cpu_attention
 from diffvit_jax.models.dense import dense_dot_general
 from diffvit_jax.models.dropout import Dropout
 from diffvit_jax.models.norms import HEAD_NORM_EPS, make_norm
@@ -91,7 +94,7 @@ def cudnn_usable(dtype, head_dim: int) -> bool:
           and head_dim % 8 == 0 and head_dim <= 128)
 
 
-# Without cuDNN, attention is XLA ops: [B, N, T, S] float32 logits and
+# Without cuDNN or the CPU kernel, attention is XLA ops: [B, N, T, S] float32 logits and
 # probabilities are materialised (425 MB per layer for the v2 protocol's 576
 # tokens at batch 32). `xla_attention` and `differential_xla_attention` keep
 # none of them for the backward pass (autodiff of the plain formulation kept
@@ -229,7 +232,8 @@ def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array,
 
   K may divide N (grouped queries): query head n then uses key/value head n // (N // K).
   cuDNN where `cudnn_usable` (a configuration cuDNN turns down at trace
-  time, e.g. with an old cuDNN, falls back); else XLA, batch-chunked.
+  time, e.g. with an old cuDNN, falls back); the CPU kernel where
+  `cpu_attention.usable`; else XLA, batch-chunked.
   """
   if query.shape[-1] == value.shape[-1] and cudnn_usable(query.dtype, query.shape[-1]):
     try:
@@ -237,6 +241,8 @@ def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                                           implementation="cudnn")
     except (NotImplementedError, RuntimeError, ValueError):
       pass
+  if cpu_attention.usable(query, key, value):
+    return cpu_attention.attention(query, key, value, jnp.zeros((), jnp.float32), scale, 1)
   groups = query.shape[2] // key.shape[2]
   if groups > 1:  # grouped queries: key/value head n // groups for query head n
     key, value = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2)
@@ -253,8 +259,9 @@ def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array,
 #               exact, but twice the q.k work and not flash-friendly.
 #   'einsum'    plain autodiff of probabilities, (A1 - lambda A2), one PV product:
 #               keeps [B, 2H, T, S] tensors for the backward pass.
-#   'xla'       `differential_xla_attention`: the 'einsum' arithmetic (half the
-#               PV work of 'split_v') with a flash-style backward pass.
+#   'xla'       `differential_fused`: the 'einsum' arithmetic (half the PV work
+#               of 'split_v') with a flash-style backward pass; the CPU kernel
+#               (num_maps=2) where it runs, else `differential_xla_attention`.
 # None picks 'split_v' where cuDNN runs (GPU, 16-bit) and 'xla' elsewhere.
 DIFFERENTIAL_FUSED_FORM: str | None = None
 DIFFERENTIAL_FORMS = ("split_v", "zero_pad", "einsum", "xla")
@@ -270,7 +277,12 @@ def differential_form(impl: str, attn_dropout_active: bool, dtype, head_dim: int
 
 
 def differential_fused(query, key, value, lam, scale: float) -> jax.Array:
-  """(A1 - lam A2) v: `differential_xla_attention` over batch chunks; float32 [B,T,H,2d]."""
+  """(A1 - lam A2) v: the CPU kernel, else `differential_xla_attention` over batch chunks.
+
+  float32 [B,T,H,2d].
+  """
+  if cpu_attention.usable(query, key, value):
+    return cpu_attention.attention(query, key, value, lam, scale, 2)
   _, tokens, heads, _ = query.shape
   core = lambda q, k, v: differential_xla_attention(q, k, v, lam, scale)
   return batch_chunked(core, query, key, value, bytes_per_example=4 * heads * tokens**2)

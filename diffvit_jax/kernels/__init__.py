@@ -1,0 +1,1 @@
+"""Hand-written kernels for what XLA does not fuse on a backend."""
