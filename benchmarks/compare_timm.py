@@ -2,6 +2,7 @@ r"""One training step of our JAX code against timm's PyTorch ViT: same model, ba
 
   .venv/bin/python benchmarks/compare_timm.py                 # 10m, both protocols, batch 32
   .venv/bin/python benchmarks/compare_timm.py --protocols=seed --sizes=10m,20m --rounds=7
+  .venv/bin/python benchmarks/compare_timm.py --frameworks=jax --sizes=20m,30m  # DiffViT/ViT
 
 For each protocol and size, ViT and DiffViT are built twice: ours (the jitted
 `steps.train_step` of the config, through `diffvit_jax.bench`, on a batch
@@ -35,6 +36,8 @@ _PROTOCOLS = flags.DEFINE_list("protocols", ["seed", "v2"],
                                "Protocols of configs/tiny_imagenet.py.")
 _SIZES = flags.DEFINE_list("sizes", ["10m"], "Model sizes (10m, 20m, 30m).")
 _ARCHS = flags.DEFINE_list("archs", ["vit", "diffvit"], "Architectures ('vit' and 'diffvit').")
+_FRAMEWORKS = flags.DEFINE_list("frameworks", ["jax", "torch"],
+                                "'jax', 'torch' or both; one alone gives DiffViT/ViT only.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch size, the same for both frameworks.")
 _STEPS = flags.DEFINE_integer("steps", 2, "Steps per timed window.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternation rounds; medians are over rounds.")
@@ -179,8 +182,10 @@ def main(argv):
         jax_step = JaxStep(config, _BATCH.value)
         params = jax.tree_util.tree_map(np.asarray, jax_step.state.params)
         host_batch = bench.synthetic_batch(config, _BATCH.value)
-        runners[(arch, "jax")] = jax_step
-        runners[(arch, "torch")] = TorchStep(config, _BATCH.value, params, host_batch)
+        if "jax" in _FRAMEWORKS.value:
+          runners[(arch, "jax")] = jax_step
+        if "torch" in _FRAMEWORKS.value:
+          runners[(arch, "torch")] = TorchStep(config, _BATCH.value, params, host_batch)
       for runner in runners.values():
         runner.run(_WARMUP.value)  # compiles / first-touches
       times = {key: [] for key in runners}
@@ -197,10 +202,10 @@ def main(argv):
       row = dict(protocol=protocol, size=size, batch=_BATCH.value, dtype=_DTYPE.value,
                  ms={f"{a}/{f}": round(statistics.median(t), 1) for (a, f), t in times.items()},
                  cpu_ms={f"{a}/{f}": round(statistics.median(t), 1) for (a, f), t in cpu.items()})
-      for arch in _ARCHS.value:
+      for arch in _ARCHS.value if len(_FRAMEWORKS.value) == 2 else ():
         row[f"{arch}_jax_over_torch"] = paired_ratio(times, (arch, "jax"), (arch, "torch"))
       if {"vit", "diffvit"} <= set(_ARCHS.value):
-        for fw in ("jax", "torch"):
+        for fw in _FRAMEWORKS.value:
           row[f"diffvit_over_vit_{fw}"] = paired_ratio(times, ("diffvit", fw), ("vit", fw))
       print(json.dumps(row), flush=True)
       results.append(row)
