@@ -152,6 +152,13 @@ def test_compiled_library_is_cached(tmp_path, monkeypatch):
   assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial files left
 
 
+def test_compiler_failure_is_reported_and_leaves_nothing_behind(tmp_path, monkeypatch):
+  monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+  with pytest.raises(RuntimeError, match="false failed"):
+    cpu_attention._compile(tmp_path)
+  assert list(tmp_path.iterdir()) == []
+
+
 def test_xla_path_is_kept_for_sharded_computations(monkeypatch):
   monkeypatch.setattr(jax, "device_count", lambda: 4)
   q = jnp.ones((1, 8, 2, 16))

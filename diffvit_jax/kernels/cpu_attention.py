@@ -27,6 +27,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -57,10 +58,10 @@ def _cpu_signature() -> str:
 
 def _compile(cache_dir: Path) -> Path:
   """The kernel's shared library, compiled into cache_dir unless already there."""
-  cxx = os.environ.get("CXX", "g++")
-  if shutil.which(cxx) is None:
-    raise RuntimeError(f"no C++ compiler ({cxx!r} is not on PATH; set CXX)")
-  command = [cxx, *CXX_FLAGS, "-isystem", jax.ffi.include_dir()]
+  cxx = shlex.split(os.environ.get("CXX") or "g++")  # may be e.g. "ccache g++"
+  if shutil.which(cxx[0]) is None:
+    raise RuntimeError(f"no C++ compiler ({cxx[0]!r} is not on PATH; set CXX)")
+  command = [*cxx, *CXX_FLAGS, "-isystem", jax.ffi.include_dir()]
   key = hashlib.sha256("\0".join([SOURCE.read_text(), jax.__version__, *command,
                                   _cpu_signature()]).encode()).hexdigest()[:16]
   library = cache_dir / f"cpu_attention-{key}.so"
@@ -75,7 +76,7 @@ def _compile(cache_dir: Path) -> Path:
     result = subprocess.run([*command, str(SOURCE), "-o", partial], capture_output=True,
                             text=True, timeout=600, check=False)
     if result.returncode != 0:
-      raise RuntimeError(f"{cxx} failed:\n{result.stderr[-2000:]}")
+      raise RuntimeError(f"{' '.join(cxx)} failed:\n{result.stderr[-2000:]}")
     os.replace(partial, library)
   finally:
     if os.path.exists(partial):
