@@ -122,7 +122,11 @@ inline void Tile(int64_t depth, const float* a, int64_t a_m, int64_t a_k, const 
     // Each B vector is loaded once and used for every row.
     for (int j = 0; j < NV; ++j) {
       Vec bv = Load(b + k * ldb + j * kLanes);
-      asm("" : "+v"(bv));  // keep it in a register: GCC would reload it for every row
+#if defined(__x86_64__)
+      // Pin it to a register: GCC otherwise folds the load into every row's FMA
+      // (16 loads per 16 FMAs); 379 -> 325 ms per layer (benchmarks/RESULTS.md).
+      asm("" : "+v"(bv));
+#endif
       for (int i = 0; i < MR; ++i) acc[i][j] += av[i] * bv;
     }
   }
