@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from diffvit_jax import models, optim, steps  # noqa: E402
+from diffvit_jax import dispatch, models, optim, steps  # noqa: E402
 from diffvit_jax.data import sharding  # noqa: E402
 from diffvit_jax.errors import UserError  # noqa: E402
 from diffvit_jax.models import attention, stats  # noqa: E402
@@ -112,10 +112,16 @@ def build_train_step(config, batch_size: int, mesh=None, total_steps: int = 10_0
 
 
 def time_steps(train_step, state, batch, num_steps: int):
-  """(new state, seconds) for `num_steps` steps dispatched back to back, one wait at the end."""
+  """(new state, seconds) for `num_steps` steps dispatched as the train loop does.
+
+  Back to back with one wait at the end, except where `dispatch` bounds the
+  steps in flight (the CPU: one at a time).
+  """
+  in_flight = dispatch.StepQueue(dispatch.max_steps_in_flight())
   start = time.perf_counter()
   for _ in range(num_steps):
-    state, _ = train_step(state, batch)
+    state, metrics = train_step(state, batch)
+    in_flight.push(metrics)
   jax.block_until_ready(state)
   return state, time.perf_counter() - start
 

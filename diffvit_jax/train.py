@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from diffvit_jax import checkpointing, models, optim, steps
+from diffvit_jax import checkpointing, dispatch, models, optim, steps
 from diffvit_jax.data import input_pipeline, sharding
 from diffvit_jax.errors import ConfigError, DivergenceError, Preempted
 
@@ -203,12 +203,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "Lower config.train.learning_rate, set config.train.grad_clip, or set "
         "config.train.on_nonfinite='skip' to skip such steps.")
 
+  in_flight = dispatch.StepQueue(dispatch.max_steps_in_flight())
   with PreemptionGuard() as guard, metric_writers.ensure_flushes(writer):
     step = start_step
     while step < total_steps:
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = next(batches)
         state, step_metrics = train_step(state, batch)
+        in_flight.push(step_metrics)
       train_metrics = train_metrics.merge(step_metrics)
       step += 1
       for hook in hooks:
