@@ -222,7 +222,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       save_now = step % config.train.checkpoint_every == 0 or is_last
       preempted = guard.signal_name is not None
       if log_now or eval_now or save_now or preempted:
-        # The only host synchronisation: nothing unchecked is evaluated or saved.
+        # The only host synchronisation (but for the CPU's per-step wait, see dispatch.py):
+        # nothing unchecked is evaluated or saved.
         summary = train_metrics.compute()
         check_finite(summary)
       if log_now:
