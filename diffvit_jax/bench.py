@@ -62,9 +62,9 @@ PEAK_TFLOPS = (
     ("h100 pcie", {"bfloat16": 756.0, "float32": 378.0}),
     ("h100 nvl", {"bfloat16": 835.0, "float32": 417.5}),
     ("h100", {"bfloat16": 989.4, "float32": 494.7}),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("gh200", {"bfloat16": 989.4, "float32": 494.7}),  # before "h200", a substring of it
     ("h200 nvl", {"bfloat16": 835.0, "float32": 417.5}),
     ("h200", {"bfloat16": 989.4, "float32": 494.7}),
-    ("gh200", {"bfloat16": 989.4, "float32": 494.7}),
     ("b200", {"bfloat16": 2250.0, "float32": 1100.0}),
     ("a100", {"bfloat16": 312.0, "float32": 156.0}),
     ("l40s", {"bfloat16": 362.0, "float32": 183.0}),
@@ -81,8 +81,6 @@ PEAK_TFLOPS = (
 def peak_flops_per_device(device_kind: str, dtype: str) -> float | None:
   """Peak dense FLOP/s of one device of `device_kind` at `dtype`, or None if unknown."""
   kind = device_kind.lower()
-  if "gh200" in kind:
-    kind = "gh200"
   for key, peaks in PEAK_TFLOPS:
     if key in kind:
       return peaks[dtype] * 1e12 if dtype in peaks else None
