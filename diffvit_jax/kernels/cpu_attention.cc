@@ -314,7 +314,7 @@ struct Gradients {
   float* dq;
   float* dk;
   float* dv;
-  float* dlambda;  // one partial sum per task
+  float* dlambda;  // [B, out_heads]: each output head's share
 };
 
 void BackwardTask(const Dims& d, const Tensors& in, const float* lse, const float* dout,
@@ -344,9 +344,9 @@ void BackwardTask(const Dims& d, const Tensors& in, const float* lse, const floa
   float* dv_acc = Scratch(dvalues, num_vh * v_size);
   std::fill(dk_acc, dk_acc + num_kh * k_size, 0.0f);
   std::fill(dv_acc, dv_acc + num_vh * v_size, 0.0f);
-  double dlambda = 0.0;
   int64_t loaded_v = -1, loaded_k[2] = {-1, -1};
   for (int64_t o = first_out; o <= last_out; ++o) {
+    double dlambda = 0.0;
     const int64_t vh = d.v_head(o);
     if (vh != loaded_v) {
       loaded_v = vh;
@@ -410,6 +410,7 @@ void BackwardTask(const Dims& d, const Tensors& in, const float* lse, const floa
              d.qk_pad, dk_acc + kh_local * k_size, d.qk_pad, true);
       }
     }
+    grad.dlambda[b * d.out_heads + o] = static_cast<float>(dlambda);
   }
   for (int64_t i = 0; i < num_kh; ++i)
     StoreRows(dk_acc + i * k_size, b, 0, d.keys, d.keys, first_kh + i, d.k_heads, d.qk_dim,
@@ -417,7 +418,6 @@ void BackwardTask(const Dims& d, const Tensors& in, const float* lse, const floa
   for (int64_t i = 0; i < num_vh; ++i)
     StoreRows(dv_acc + i * v_size, b, 0, d.keys, d.keys, first_vh + i, d.v_heads, d.v_dim,
               d.v_pad, 1.0f, grad.dv);
-  grad.dlambda[task] = static_cast<float>(dlambda);
 }
 
 // Runs fn(0..n-1) on XLA's intra-op pool. The calling thread claims items too,
@@ -502,8 +502,8 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                              ffi::ResultBuffer<ffi::F32> dlambda, float scale, int64_t num_maps) {
   Dims d;
   if (ffi::Error error = MakeDims(q, k, v, scale, num_maps, &d); error.failure()) return error;
-  if (static_cast<int64_t>(dlambda->element_count()) != d.tasks())
-    return ffi::Error::InvalidArgument("attention: dlambda must have one entry per task");
+  if (static_cast<int64_t>(dlambda->element_count()) != d.batch * d.out_heads)
+    return ffi::Error::InvalidArgument("attention: dlambda must be [B, output heads]");
   const Tensors in{q.typed_data(), k.typed_data(), v.typed_data(), lambda.typed_data()[0]};
   const Gradients grad{dq->typed_data(), dk->typed_data(), dv->typed_data(),
                        dlambda->typed_data()};
@@ -540,6 +540,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffvitAttentionBackward, AttentionBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dq
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dk
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dv
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dlambda per task
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dlambda per output head
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("num_maps"));

@@ -120,14 +120,6 @@ def usable(*arrays: jax.Array) -> bool:
           and available())
 
 
-def _num_tasks(q_shape, k_shape, v_shape, num_maps: int) -> int:
-  """How many (example, head group) tasks the kernel splits the work into (as MakeDims)."""
-  out_heads = q_shape[2] // num_maps
-  key_groups = max(1, k_shape[2] // num_maps)
-  per_task = max(out_heads // min(out_heads, key_groups), out_heads // v_shape[2])
-  return q_shape[0] * (out_heads // per_task)
-
-
 def _ffi_call(name: str, result_types):
   if not _load():
     raise RuntimeError("the fused CPU attention kernel could not be built (see the warning)")
@@ -156,9 +148,9 @@ def _attention_fwd(q, k, v, lam, scale, num_maps):
 
 def _attention_bwd(scale, num_maps, residuals, dout):
   q, k, v, lam, lse = residuals
-  tasks = _num_tasks(q.shape, k.shape, v.shape, num_maps)
+  dlam_shape = (q.shape[0], q.shape[2] // num_maps)  # one share per example and output head
   types = tuple(jax.ShapeDtypeStruct(shape, jnp.float32)
-                for shape in (q.shape, k.shape, v.shape, (tasks,)))
+                for shape in (q.shape, k.shape, v.shape, dlam_shape))
   dq, dk, dv, dlam = _ffi_call("bwd", types)(
       q, k, v, jnp.reshape(lam, (1,)), lse, dout.astype(jnp.float32), scale=np.float32(scale),
       num_maps=np.int64(num_maps))
