@@ -82,7 +82,7 @@ tiny_imagenet() {
   local gpus jobs=() pids=() i=0 data_dir="${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}"
   gpus=$(num_gpus)
   # Download (or take from $data_dir/downloads/manual) and build once; a no-op when built.
-  "$PY" -m diffvit_jax.data.build tiny_imagenet --data_dir "$data_dir"
+  "$PY" -m diffvit_jax.data.prepare tiny_imagenet --data_dir "$data_dir"
   for size in $sizes; do
     for arch in vit diffvit; do
       for seed in $seeds; do
@@ -118,7 +118,7 @@ report() {
     mapfile -t dirs < <(find runs -name run_info.json -printf '%h\n' 2>/dev/null | sort)
     set -- "${dirs[@]}"
   fi
-  "$PY" -m diffvit_jax.report "$@" --out reports
+  "$PY" -m diffvit_jax.reporting.report "$@" --out reports
 }
 
 cmd="${1:-}"

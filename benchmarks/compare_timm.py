@@ -5,7 +5,7 @@ r"""One training step of our JAX code against timm's PyTorch ViT: same model, ba
   .venv/bin/python benchmarks/compare_timm.py --frameworks=jax --sizes=20m,30m  # DiffViT/ViT
 
 For each protocol and size, ViT and DiffViT are built twice: ours (the jitted
-`steps.train_step` of the config, through `diffvit_jax.bench`, on a batch
+`steps.train_step` of the config, through `diffvit_jax.tools.bench`, on a batch
 already on the device) and timm's `VisionTransformer` from
 `convert.timm_kwargs` (attn_layer 'attn' / 'diff'), holding the same weights
 (`convert.to_timm`). The PyTorch step does what ours does: the config's
@@ -58,7 +58,7 @@ def _load_tiny_imagenet_configs():
 
 class JaxStep:
   def __init__(self, config, batch_size: int):
-    from diffvit_jax import bench
+    from diffvit_jax.tools import bench
 
     self._bench = bench
     self.step, self.state, self.batch = bench.build_train_step(config, batch_size)
@@ -78,7 +78,7 @@ class TorchStep:
     from timm.loss import SoftTargetCrossEntropy
     from timm.models.vision_transformer import VisionTransformer
 
-    from diffvit_jax import convert
+    from diffvit_jax.interop import convert
 
     self._torch = torch
     m, t, size = config.model, config.train, config.data.image_size
@@ -156,12 +156,12 @@ def main(argv):
   import numpy as np
   import torch
 
-  from diffvit_jax import xla_flags
+  from diffvit_jax import cpu_runtime
 
-  cpu_defaults = xla_flags.apply_cpu_defaults()  # as training does, before JAX starts
+  cpu_defaults = cpu_runtime.apply_cpu_defaults()  # as training does, before JAX starts
   import jax
 
-  from diffvit_jax import bench
+  from diffvit_jax.tools import bench
 
   threads = len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)

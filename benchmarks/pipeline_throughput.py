@@ -22,12 +22,11 @@ def build_fake(root: pathlib.Path, num_images: int) -> str:
   sys.path.insert(0, str(REPO / "tests"))  # The fake-archive generator the tests use.
   import data_fakes
 
-  from diffvit_jax.data import build
-
+  from diffvit_jax.data import prepare
   per_class = max(1, num_images // len(data_fakes.FAKE_WNIDS))
   data_fakes.write_tiny_imagenet(root / "manual", zipped=False, num_train_per_class=per_class,
                                  num_val=8)
-  build.build("tiny_imagenet", str(root / "data"), str(root / "manual"))
+  prepare.build("tiny_imagenet", str(root / "data"), str(root / "manual"))
   return str(root / "data")
 
 

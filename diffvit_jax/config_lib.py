@@ -1,13 +1,13 @@
-"""The config schema shared by every config file, and the model sizes.
+"""The config schema shared by every config file, its one validation, and the model sizes.
 
 Config files in `configs/` start from `base_config()` and override fields, so
 that every field the code reads exists in every config (a typo on the command
-line is then an error, not a silently ignored setting).
+line is then an error, not a silently ignored setting). Choices come from the
+registries they select from (attention kinds, data sources, norms), so a new
+entry there is a valid config value here.
 """
 
 import ml_collections
-
-ARCHS = ("vit", "diffvit", "diffvit2")
 
 # Width, depth, classic heads, MLP width. Head size 32 for the classic ViT, so
 # the differential kinds get num_heads // 2 pairs with q/k heads of 32 and
@@ -24,7 +24,7 @@ MODEL_SIZES = {
 def model_config(**overrides) -> ml_collections.ConfigDict:
   """`config.model`: everything `models.build_model` reads."""
   m = ml_collections.ConfigDict()
-  m.arch = "vit"  # 'vit' | 'diffvit' | 'diffvit2'
+  m.arch = "vit"  # a key of models.registry.ARCHS: 'vit' | 'diffvit' | 'diffvit2'
   m.width = 320
   m.depth = 8
   m.num_heads = 10  # heads of the classic ViT; differential kinds use num_heads // 2 pairs
@@ -40,7 +40,10 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   m.attn_dropout = 0.0
   m.stoch_depth = 0.0  # drop-path rate of the last block (linear in depth, as timm)
   m.num_classes = 200
-  m.attention_impl = "fused"  # 'fused' (jax.nn.dot_product_attention) | 'einsum'
+  # 'auto' | 'einsum' | 'xla' | 'cudnn': the rules are in models/attention_impl.py; the
+  # resolved path is logged and written to run_info.json ('attention').
+  m.attention_impl = "auto"
+  m.attention_chunk_mib = 0  # 'xla' path: float32 probabilities per chunk; 0 = by backend
   m.dtype = "float32"  # compute dtype ('float32' | 'bfloat16'); parameters stay float32
   m.update(overrides)
   return m
@@ -120,21 +123,25 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-_CHOICES = {
-    "model.arch": ARCHS,
-    "model.pool": ("cls", "gap"),
-    "model.posemb": ("learn", "sincos2d"),
-    "model.norm": ("layernorm", "rmsnorm"),
-    "model.diff_head_norm": ("rmsnorm", "layernorm", "none"),
-    "model.attention_impl": ("fused", "einsum"),
-    "model.dtype": ("float32", "bfloat16"),
-    "data.source": ("tiny_imagenet", "tiny_imagenet_c", "image_folder", "digits"),
-    "data.crop": ("none", "random_resized", "pad_crop"),
-    "data.on_bad_image": ("skip", "error"),
-    "train.schedule": ("cosine", "constant"),
-    "train.weight_decay_mask": ("all", "matrices"),
-    "train.on_nonfinite": ("stop", "skip"),
-}
+def _choices() -> dict[str, tuple]:
+  from diffvit_jax.data import sources
+  from diffvit_jax.models import attention_impl, norms, posemb, registry
+
+  return {
+      "model.arch": tuple(registry.ARCHS),
+      "model.pool": ("cls", "gap"),
+      "model.posemb": posemb.POSEMBS,
+      "model.norm": norms.NORMS,
+      "model.diff_head_norm": norms.HEAD_NORMS,
+      "model.attention_impl": attention_impl.IMPLS,
+      "model.dtype": ("float32", "bfloat16"),
+      "data.source": tuple(sources.SOURCES),
+      "data.crop": ("none", "random_resized", "pad_crop"),
+      "data.on_bad_image": ("skip", "error"),
+      "train.schedule": ("cosine", "constant"),
+      "train.weight_decay_mask": ("all", "matrices"),
+      "train.on_nonfinite": ("stop", "skip"),
+  }
 
 
 def _get(config, dotted: str):
@@ -144,45 +151,79 @@ def _get(config, dotted: str):
   return node
 
 
+def _fail(field, message):
+  from diffvit_jax.errors import ConfigError
+
+  raise ConfigError(f"config.{field}: {message}")
+
+
+def _check_choices(config, prefix: str) -> None:
+  for field, choices in _choices().items():
+    if field.startswith(prefix):
+      value = _get(config, field[len(prefix):])
+      if value not in choices:
+        _fail(field, f"{value!r} is not one of {', '.join(map(repr, choices))}.")
+
+
+def _check_positive_ints(config, fields, prefix: str = "") -> None:
+  for field in fields:
+    value = _get(config, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      _fail(prefix + field, f"must be a positive integer, got {value!r}.")
+
+
+def validate_model(m) -> None:
+  """Checks `config.model` (what `models.build_model` reads); ConfigError naming the field."""
+  from diffvit_jax.models import registry
+
+  _check_choices(m, "model.")
+  _check_positive_ints(m, ("width", "depth", "num_heads", "mlp_dim", "patch_size",
+                           "num_classes"), "model.")
+  if m.width % m.num_heads:
+    _fail("model.num_heads", f"{m.num_heads} does not divide model.width={m.width} "
+          "(head size = width / num_heads).")
+  if registry.kind(m.arch).differential:
+    if m.num_heads % 2:
+      _fail("model.num_heads", f"{m.num_heads} is odd; differential attention pairs heads "
+            f"({m.arch} uses num_heads // 2 pairs), so num_heads must be even.")
+    if (m.width // (m.num_heads // 2)) % 2:
+      _fail("model.width", f"the differential head size width / (num_heads // 2) = "
+            f"{m.width // (m.num_heads // 2)} is odd and cannot be split into two halves.")
+  if m.posemb == "sincos2d" and m.width % 4:
+    _fail("model.posemb", f"'sincos2d' needs model.width={m.width} divisible by 4.")
+  for field in ("dropout", "attn_dropout", "stoch_depth"):
+    if not 0.0 <= m[field] < 1.0:
+      _fail(f"model.{field}", f"must be in [0, 1), got {m[field]!r}.")
+  if not isinstance(m.attention_chunk_mib, int) or m.attention_chunk_mib < 0:
+    _fail("model.attention_chunk_mib", f"must be an integer >= 0 (0: the backend's default), "
+          f"got {m.attention_chunk_mib!r}.")
+
+
 def validate(config, *, workdir: str | None = None, mode: str = "train",
              num_devices: int | None = None) -> None:
   """Checks a config before any work is done; raises ConfigError naming the field.
 
   Everything here is cheap and catches what would otherwise fail minutes in,
   deep inside jit or a data worker, or silently train something else.
+  `num_devices` (default: jax.device_count(), so after jax.distributed is
+  initialised) checks that the global batches split evenly.
   """
   import os
 
   from diffvit_jax.errors import ConfigError
 
-  def fail(field, message):
-    raise ConfigError(f"config.{field}: {message}")
-
-  for field, choices in _CHOICES.items():
-    if _get(config, field) not in choices:
-      fail(field, f"{_get(config, field)!r} is not one of {', '.join(map(repr, choices))}.")
+  fail = _fail
+  validate_model(config.model)
+  _check_choices(config, "data.")
+  _check_choices(config, "train.")
   m, d, t = config.model, config.data, config.train
-  for field in ("model.width", "model.depth", "model.num_heads", "model.mlp_dim",
-                "model.patch_size", "model.num_classes", "data.image_size",
-                "train.batch_size", "train.eval_batch_size", "train.log_every",
-                "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints"):
-    value = _get(config, field)
-    if not isinstance(value, int) or value <= 0:
-      fail(field, f"must be a positive integer, got {value!r}.")
+  _check_positive_ints(config, ("data.image_size", "train.batch_size", "train.eval_batch_size",
+                                "train.log_every", "train.eval_every", "train.checkpoint_every",
+                                "train.keep_checkpoints"))
   if d.image_size % m.patch_size:
     fail("data.image_size", f"{d.image_size} is not divisible by model.patch_size="
          f"{m.patch_size}; the patch grid must tile the image.")
-  if m.width % m.num_heads:
-    fail("model.width", f"{m.width} is not divisible by model.num_heads={m.num_heads}.")
-  if m.arch != "vit":
-    if m.num_heads % 2:
-      fail("model.num_heads", f"{m.num_heads} is odd; differential attention pairs heads "
-           f"({m.arch} uses num_heads // 2 pairs), so num_heads must be even.")
-    if (m.width // (m.num_heads // 2)) % 2:
-      fail("model.width", f"the differential head size width / (num_heads // 2) = "
-           f"{m.width // (m.num_heads // 2)} is odd and cannot be split into two halves.")
-  for field in ("model.dropout", "model.attn_dropout", "model.stoch_depth",
-                "train.label_smoothing", "train.mix_prob"):
+  for field in ("train.label_smoothing", "train.mix_prob"):
     if not 0.0 <= _get(config, field) <= 1.0:
       fail(field, f"must be in [0, 1], got {_get(config, field)!r}.")
   if mode == "train":
@@ -224,3 +265,12 @@ def validate(config, *, workdir: str | None = None, mode: str = "train",
   from diffvit_jax.data import input_pipeline
 
   input_pipeline.get_dataset_info(d)  # Raises DataError with how to get a missing data set.
+
+
+def __getattr__(name: str):
+  # `config_lib.ARCHS` for config files: the attention registry's names, imported lazily.
+  if name == "ARCHS":
+    from diffvit_jax.models import registry
+
+    return tuple(registry.ARCHS)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,9 +14,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before any TF import: TF only serves CLU.
 
-from diffvit_jax import xla_flags  # noqa: E402
+from diffvit_jax import cpu_runtime  # noqa: E402
 
-xla_flags.apply_cpu_defaults()  # Before JAX initialises: see benchmarks/RESULTS.md.
+cpu_runtime.apply_cpu_defaults()  # Before JAX initialises: see benchmarks/RESULTS.md.
 
 import json  # noqa: E402
 import logging as py_logging  # noqa: E402
@@ -55,7 +55,9 @@ def _run(config, workdir: str, mode: str) -> dict:
   from diffvit_jax import config_lib
 
   config_lib.validate(config, workdir=workdir, mode=mode)
-  from diffvit_jax import train  # Only now pay for importing TensorFlow (CLU's writers).
+  from diffvit_jax.training import (
+    loop as train,  # Only now pay for importing TensorFlow (CLU's writers).
+  )
 
   if config.train.distributed:
     import jax
@@ -64,7 +66,7 @@ def _run(config, workdir: str, mode: str) -> dict:
   if mode == "train":
     return train.train_and_evaluate(config, workdir)
   if mode == "eval_corrupted":
-    from diffvit_jax import robustness
+    from diffvit_jax.evaluation import robustness
 
     return robustness.evaluate_corrupted(
         config, workdir, baseline_workdir=FLAGS.baseline_workdir,

@@ -37,7 +37,7 @@ def run_dir(root: str, arch: str, seed: int) -> str:
 
 def trained_runs(tmp_path_factory) -> str:
   """The root holding `<arch>_seed<seed>` for every arch and seed, trained if not yet."""
-  from diffvit_jax import train
+  from diffvit_jax.training import loop as train
 
   # The parent of the base temp dir is shared by the xdist workers of one session.
   base = tmp_path_factory.getbasetemp()

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffvit_jax.models import attention
+from diffvit_jax.models import attention_ops, differential
 from diffvit_jax.models.dropout import Dropout, hashed_bits
 
 SCALE = 0.3
@@ -37,10 +37,7 @@ def plain_attention(q, k, v):
 def test_xla_attention_matches_softmax_attention(kv_heads, value_size):
   q, k = normal(0, 3, 17, 4, 8), normal(1, 3, 17, kv_heads, 8)
   v, cotangent = normal(2, 3, 17, kv_heads, value_size), normal(3, 3, 17, 4, value_size)
-  if kv_heads == 4:
-    fast = lambda q, k, v: attention.xla_attention(q, k, v, SCALE)
-  else:
-    fast = lambda q, k, v: attention.fused_attention(q, k, v, SCALE)
+  fast = lambda q, k, v: attention_ops.xla_attention(q, k, v, SCALE, chunk_bytes=2**30)
   assert_close(value_and_grads(fast, (q, k, v), cotangent),
                value_and_grads(plain_attention, (q, k, v), cotangent))
 
@@ -52,37 +49,29 @@ def plain_differential(q, k, v, lam):
   return jnp.einsum("bhts,bshd->bthd", probs[:, :, 0] - lam * probs[:, :, 1], v)
 
 
-@pytest.mark.parametrize("form", ["xla", "split_v", "zero_pad"])
-def test_differential_forms_match_the_formula(form):
+def test_differential_xla_form_matches_the_formula():
   q, k, v = normal(0, 2, 17, 4, 8), normal(1, 2, 17, 4, 8), normal(2, 2, 17, 2, 16)
   lam, cotangent = jnp.float32(0.37), normal(3, 2, 17, 2, 16)
-  fast = {"xla": attention.differential_fused, "split_v": attention.differential_split_v,
-          "zero_pad": attention.differential_zero_pad}[form]
+  fast = lambda *a: differential.differential_xla(*a, chunk_bytes=2**30)
   assert_close(value_and_grads(lambda *a: fast(*a, SCALE), (q, k, v, lam), cotangent),
                value_and_grads(plain_differential, (q, k, v, lam), cotangent))
 
 
-def test_batch_chunks_change_nothing(monkeypatch):
+def test_batch_chunks_change_nothing():
   q, k, v, cotangent = (normal(i, 6, 9, 4, 8) for i in range(4))
-  whole = value_and_grads(lambda *a: attention.fused_attention(*a, SCALE), (q, k, v), cotangent)
-  monkeypatch.setattr(attention, "XLA_ATTENTION_CHUNK_BYTES", 2 * 4 * 4 * 9 * 9)  # 2 examples
-  chunked = value_and_grads(lambda *a: attention.fused_attention(*a, SCALE), (q, k, v), cotangent)
+  attend = lambda chunk_bytes: lambda *a: attention_ops.xla_attention(
+      *a, SCALE, chunk_bytes=chunk_bytes)
+  whole = value_and_grads(attend(2**30), (q, k, v), cotangent)
+  chunked = value_and_grads(attend(2 * 4 * 4 * 9 * 9), (q, k, v), cotangent)  # 2 examples
   assert_close(chunked, whole, tol=1e-5)
   dq, dk, dv = (normal(10 + i, 6, 9, 4, 8) for i in range(3))
   lam = jnp.float32(0.2)
-  want = value_and_grads(lambda *a: attention.differential_fused(*a, SCALE),
-                         (dq, dk, dv[:, :, :2], lam), cotangent[:, :, :2])
-  monkeypatch.setattr(attention, "XLA_ATTENTION_CHUNK_BYTES", 3 * 4 * 4 * 9 * 9)  # 3 examples
-  got = value_and_grads(lambda *a: attention.differential_fused(*a, SCALE),
-                        (dq, dk, dv[:, :, :2], lam), cotangent[:, :, :2])
+  differential_attend = lambda chunk_bytes: lambda *a: differential.differential_xla(
+      *a, SCALE, chunk_bytes=chunk_bytes)
+  args = (dq, dk, dv[:, :, :2], lam)
+  want = value_and_grads(differential_attend(2**30), args, cotangent[:, :, :2])
+  got = value_and_grads(differential_attend(3 * 4 * 4 * 9 * 9), args, cotangent[:, :, :2])
   assert_close(got, want, tol=1e-5)
-
-
-def test_differential_form_choice():
-  # On the CPU the fused impl takes the XLA form; probability dropout needs the einsum path.
-  assert attention.differential_form("fused", False, jnp.bfloat16, 32) == "xla"
-  assert attention.differential_form("fused", True, jnp.float32, 32) == "einsum"
-  assert attention.differential_form("einsum", False, jnp.float32, 32) == "einsum"
 
 
 def test_hashed_dropout_statistics():

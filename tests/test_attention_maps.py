@@ -7,7 +7,8 @@ import pytest
 from analysis_runs import run_dir, trained_runs
 from PIL import Image
 
-from diffvit_jax import attention_maps, checkpointing
+from diffvit_jax.evaluation import attention_maps
+from diffvit_jax.training import checkpointing
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""`python -m diffvit_jax.bench`: the JSON summary of the step and pipeline modes, no TensorFlow."""
+"""`python -m diffvit_jax.tools.bench`: the JSON summary of step and pipeline modes, no TF."""
 
 import json
 import os
@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from diffvit_jax import bench, xla_flags
+from diffvit_jax import cpu_runtime
+from diffvit_jax.tools import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("arch", "params", "gflops_per_image", "batch", "images_per_sec", "step_ms", "compile_s",
@@ -17,7 +18,7 @@ FIELDS = ("arch", "params", "gflops_per_image", "batch", "images_per_sec", "step
 def run_bench(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   env.pop("XLA_FLAGS", None)  # one CPU device, whatever the calling test session simulates
-  return subprocess.run([sys.executable, "-m", "diffvit_jax.bench", *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, "-m", "diffvit_jax.tools.bench", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=120)
 
 
@@ -57,7 +58,7 @@ def test_bad_config_is_one_clear_error():
 
 
 def test_importing_bench_does_not_import_tensorflow():
-  code = ("import sys, diffvit_jax.bench, diffvit_jax.steps; "
+  code = ("import sys, diffvit_jax.tools.bench, diffvit_jax.training.steps; "
           "print('tensorflow' in sys.modules)")
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
@@ -81,6 +82,6 @@ def test_peak_flops_table(kind, dtype, peak):
 
 def test_cpu_defaults_only_on_the_cpu(monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cuda")
-  assert not xla_flags.cpu_only()
+  assert not cpu_runtime.cpu_only()
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  assert xla_flags.cpu_only()
+  assert cpu_runtime.cpu_only()

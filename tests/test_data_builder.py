@@ -18,11 +18,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _build(tmp_path_factory, zipped: bool) -> str:
-  from diffvit_jax.data import build
+  from diffvit_jax.data import prepare
 
   root = tmp_path_factory.mktemp("zip" if zipped else "extracted")
   data_fakes.write_tiny_imagenet(root / "manual", zipped=zipped)
-  build.build("tiny_imagenet", str(root / "data"), str(root / "manual"))
+  prepare.build("tiny_imagenet", str(root / "data"), str(root / "manual"))
   return str(root / "data")
 
 
@@ -129,7 +129,7 @@ def test_missing_build_says_how_to_get_it(tmp_path):
   with pytest.raises(DataError) as e:
     input_pipeline.get_dataset_info(data)
   message = str(e.value)
-  assert "python -m diffvit_jax.data.build tiny_imagenet --data_dir" in message
+  assert "python -m diffvit_jax.data.prepare tiny_imagenet --data_dir" in message
   assert "--manual_dir /somewhere/manual" in message
   assert "http://cs231n.stanford.edu/tiny-imagenet-200.zip" in message
   with pytest.raises(DataError):
@@ -152,11 +152,11 @@ def test_published_tiny_imagenet_c(zip_build, tmp_path):
 
 
 def test_build_cli_reports_user_errors(tmp_path, capsys):
-  from diffvit_jax.data import build
+  from diffvit_jax.data import prepare
 
   (tmp_path / "manual").mkdir()
   (tmp_path / "manual" / "tiny-imagenet-200.zip").write_bytes(b"not a zip")
-  code = build.main(["tiny_imagenet", "--data_dir", str(tmp_path / "d"),
+  code = prepare.main(["tiny_imagenet", "--data_dir", str(tmp_path / "d"),
                      "--manual_dir", str(tmp_path / "manual")])
   assert code != 0
   assert "error:" in capsys.readouterr().err

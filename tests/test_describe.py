@@ -1,4 +1,4 @@
-"""`python -m diffvit_jax.describe`: the overview, the JSON summary line and clean config errors."""
+"""`python -m diffvit_jax.tools.describe`: overview, JSON summary line, clean config errors."""
 
 import importlib.util
 import json
@@ -15,7 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def describe(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  return subprocess.run([sys.executable, "-m", "diffvit_jax.describe", *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, "-m", "diffvit_jax.tools.describe", *args], cwd=REPO,
+                        env=env,
                         capture_output=True, text=True, timeout=300)
 
 

@@ -6,19 +6,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from diffvit_jax.models.differential import LAMBDA_VECTORS, differential_lambda
 
 from diffvit_jax import config_lib
 from diffvit_jax.errors import ConfigError
 from diffvit_jax.models import (
-    DifferentialAttention,
-    DifferentialAttentionV2,
-    MultiHeadAttention,
-    attention_maps,
-    build_model,
-    lambda_init,
-    lambda_per_layer,
+  DifferentialAttention,
+  DifferentialAttentionV2,
+  MultiHeadAttention,
+  attention_maps,
+  build_model,
+  lambda_init,
+  lambda_per_layer,
 )
-from diffvit_jax.models.attention import LAMBDA_VECTORS, differential_lambda
 
 ARCHS = ("vit", "diffvit", "diffvit2")
 IMAGE = 16
@@ -129,15 +129,15 @@ def test_differential_attention_with_zero_lambda_is_multi_head_attention():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fused_and_einsum_paths_agree(arch):
-  config = small_config(arch, attention_impl="fused")
+def test_xla_and_einsum_paths_agree(arch):
+  config = small_config(arch, attention_impl="xla")
   params = init_params(config)
-  fused = forward(config, params, images())
+  xla = forward(config, params, images())
   config.attention_impl = "einsum"
   einsum = forward(config, params, images())
-  assert fused.dtype == jnp.float32 and fused.shape == (2, 5)
-  assert float(jnp.abs(fused).max()) > 0.1  # a real signal, not zeros
-  np.testing.assert_allclose(fused, einsum, atol=1e-5, rtol=1e-5)
+  assert xla.dtype == jnp.float32 and xla.shape == (2, 5)
+  assert float(jnp.abs(xla).max()) > 0.1  # a real signal, not zeros
+  np.testing.assert_allclose(xla, einsum, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -183,7 +183,7 @@ def test_v2_matches_its_formula():
   width, heads, tokens = 32, 4, 6
   pairs, hd = heads // 2, width // (heads // 2)
   x = jax.random.normal(jax.random.key(0), (2, tokens, width))
-  module = DifferentialAttentionV2(num_heads=heads, impl="fused")
+  module = DifferentialAttentionV2(num_heads=heads, impl="xla")
   p = jax.tree.map(np.asarray, init_params(module, x))
   xn = np.asarray(x, np.float64)
   dense = lambda name: xn @ p[name]["kernel"] + p[name]["bias"]

@@ -5,8 +5,10 @@ import pytest
 from analysis_runs import run_dir, trained_runs
 from PIL import Image
 
-from diffvit_jax import checkpointing, models, predict
+from diffvit_jax import models
 from diffvit_jax.data import input_pipeline, sources
+from diffvit_jax.evaluation import predict
+from diffvit_jax.training import checkpointing
 
 
 @pytest.fixture(scope="session")

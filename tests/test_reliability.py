@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from diffvit_jax import checkpointing
+from diffvit_jax.training import checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.width=32", "--config.model.depth=2", "--config.model.mlp_dim=64",

@@ -10,9 +10,8 @@ import pytest
 from analysis_runs import ARCHS, SEEDS, STEPS, run_dir, trained_runs
 from PIL import Image
 
-from diffvit_jax import report
-from diffvit_jax.analysis import events
-from diffvit_jax.analysis import runs as runs_lib
+from diffvit_jax.reporting import events, report
+from diffvit_jax.reporting import runs as runs_lib
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,10 @@ import pytest
 from analysis_runs import REPO, copy_run, digits_config, trained_runs
 from PIL import Image
 
-from diffvit_jax import report, robustness
 from diffvit_jax.data import corruptions
 from diffvit_jax.errors import CheckpointError, ConfigError, DataError
+from diffvit_jax.evaluation import robustness
+from diffvit_jax.reporting import report
 
 TINY = ["--config.model.depth=2", "--config.model.width=32"]
 

@@ -14,8 +14,9 @@ vision_transformer = pytest.importorskip("timm.models.vision_transformer")
 
 import jax  # noqa: E402
 
-from diffvit_jax import config_lib, convert  # noqa: E402
+from diffvit_jax import config_lib  # noqa: E402
 from diffvit_jax.errors import ConfigError  # noqa: E402
+from diffvit_jax.interop import convert  # noqa: E402
 from diffvit_jax.models import build_model, lambda_init, posemb  # noqa: E402
 from diffvit_jax.models.vit import stochastic_depth_rates  # noqa: E402
 
@@ -46,7 +47,7 @@ def compare(config, model):
   with torch.no_grad():
     expected = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
   params = convert.from_timm(model.state_dict(), config)
-  for impl in ("fused", "einsum"):
+  for impl in ("xla", "einsum"):
     config.attention_impl = impl
     ours = jax.jit(build_model(config).apply)({"params": params}, images)
     assert ours.dtype == np.float32

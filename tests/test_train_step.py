@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffvit_jax import config_lib, optim, steps
+from diffvit_jax import config_lib
+from diffvit_jax.training import optim, steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,7 +90,8 @@ def test_mix_batch_off_is_identity():
 _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import json, numpy as np, jax
     from jax.sharding import Mesh
-    from diffvit_jax import config_lib, models, optim, steps
+    from diffvit_jax import config_lib, models
+    from diffvit_jax.training import optim, steps
 
     config = config_lib.base_config()
     config.model = config_lib.model_config(

@@ -20,7 +20,6 @@ import pathlib
 from diffvit_jax.data import digits, image_folder, images
 from diffvit_jax.errors import ConfigError, DataError
 
-SOURCES = ("tiny_imagenet", "tiny_imagenet_c", "image_folder", "digits")
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_C_URL = "https://zenodo.org/record/2536630"
 
@@ -33,6 +32,33 @@ class DatasetInfo:
   class_names: list[str]
 
 
+def _tiny_imagenet(data, split: str):
+  return TinyImagenetSource(tiny_imagenet_builder_dir(data), split)
+
+
+def _image_folder(data, split: str):
+  if not data.dir:
+    raise ConfigError("config.data.dir is empty; data.source='image_folder' reads "
+                      "<data.dir>/<split>/<class>/<image>.")
+  root = pathlib.Path(data.dir).expanduser()
+  return image_folder.load(root, split, _image_folder_classes(root, data),
+                           on_bad_image=data.on_bad_image)
+
+
+def _digits(data, split: str):
+  return digits.DigitsSource(split, data.image_size)
+
+
+# `data.source` -> (data config, split name) -> source. The config schema takes its
+# choices from here: a new data set is a module plus one entry.
+SOURCES = {
+    "tiny_imagenet": _tiny_imagenet,
+    "tiny_imagenet_c": _tiny_imagenet,  # corrupted evaluations read the published files
+    "image_folder": _image_folder,
+    "digits": _digits,
+}
+
+
 def check_source(data) -> None:
   if data.source not in SOURCES:
     raise ConfigError(f"config.data.source: {data.source!r} is not one of "
@@ -42,16 +68,7 @@ def check_source(data) -> None:
 def get_source(data, split: str):
   """The source of `split` (a split name of the data set, e.g. data.train_split)."""
   check_source(data)
-  if data.source in ("tiny_imagenet", "tiny_imagenet_c"):
-    return TinyImagenetSource(tiny_imagenet_builder_dir(data), split)
-  if data.source == "image_folder":
-    if not data.dir:
-      raise ConfigError("config.data.dir is empty; data.source='image_folder' reads "
-                        "<data.dir>/<split>/<class>/<image>.")
-    root = pathlib.Path(data.dir).expanduser()
-    return image_folder.load(root, split, _image_folder_classes(root, data),
-                             on_bad_image=data.on_bad_image)
-  return digits.DigitsSource(split, data.image_size)
+  return SOURCES[data.source](data, split)
 
 
 def get_published_corrupted_source(data, corruption: str, severity: int):
@@ -134,7 +151,7 @@ def tiny_imagenet_builder_dir(data) -> str:
     raise DataError(
         f"Tiny ImageNet is not built in {data_dir} (no tiny_imagenet/<version>/"
         "dataset_info.json). Build it once with\n"
-        f"  python -m diffvit_jax.data.build tiny_imagenet --data_dir {data_dir}"
+        f"  python -m diffvit_jax.data.prepare tiny_imagenet --data_dir {data_dir}"
         f"{' --manual_dir ' + data.manual_dir if data.manual_dir else ''}\n"
         f"which downloads {TINY_IMAGENET_URL} (248 MB); without internet access, put "
         f"tiny-imagenet-200.zip (or its extracted tiny-imagenet-200/ folder) into {manual} "
@@ -148,7 +165,7 @@ def _check_array_record(builder_dir: pathlib.Path) -> None:
   file_format = info.get("fileFormat", "tfrecord")
   if file_format != "array_record":
     raise DataError(f"{builder_dir} was written as {file_format}, which needs TensorFlow to "
-                    "read; rebuild it with `python -m diffvit_jax.data.build tiny_imagenet "
+                    "read; rebuild it with `python -m diffvit_jax.data.prepare tiny_imagenet "
                     f"--data_dir {builder_dir.parent.parent} --overwrite` (array_record).")
 
 

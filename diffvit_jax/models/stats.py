@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffvit_jax.models.build import build_model, check_image_size, validate
+from diffvit_jax import config_lib
+from diffvit_jax.models import registry
+from diffvit_jax.models.build import build_model, check_image_size
 
 # Top-level entries of the tree that are the embedding, not the transformer.
 EMBEDDING_PARAMS = ("embedding", "pos_embedding", "cls")
@@ -19,7 +21,7 @@ EMBEDDING_PARAMS = ("embedding", "pos_embedding", "cls")
 
 def num_tokens(model_config, image_size: int) -> int:
   """Tokens the blocks see: (image_size / patch)^2 patches, plus the class token for pool='cls'."""
-  validate(model_config)
+  config_lib.validate_model(model_config)
   check_image_size(model_config, image_size)
   grid = image_size // model_config.patch_size
   return grid * grid + (1 if model_config.pool == "cls" else 0)
@@ -27,7 +29,7 @@ def num_tokens(model_config, image_size: int) -> int:
 
 def param_shapes(model_config, image_size: int):
   """The 'params' tree as ShapeDtypeStructs (the real tree, nothing allocated)."""
-  model = build_model(model_config)
+  model = build_model(model_config, attention="einsum")  # any path has the same tree
   check_image_size(model_config, image_size)
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   init = functools.partial(model.init, train=False)
@@ -57,9 +59,10 @@ def gflops_per_image(model_config, image_size: int) -> float:
 
   N: non-embedding parameters (see `count_params`), T: tokens, L: depth.
   D_qk and D_v are the total widths of the query-key and the probability-value
-  products: both D for 'vit' and 'diffvit' (2H heads of d for q.k; one
-  (A1 - lambda A2) v over H heads of 2d), giving the usual 6 N T + 12 L T^2 D;
-  'diffvit2' has D_qk = 2D (2H query heads of 2d), so 6 N T + 18 L T^2 D.
+  products; D_qk = qk_width_factor * D from the attention registry: both D
+  for 'vit' and 'diffvit' (2H heads of d for q.k; one (A1 - lambda A2) v
+  over H heads of 2d), giving the usual 6 N T + 12 L T^2 D; 'diffvit2' has
+  D_qk = 2D (2H query heads of 2d), so 6 N T + 18 L T^2 D.
   The head's matmul is counted per token like the blocks' (a slight overcount,
   T times its one-per-image cost, under 1% here). Patch embedding, norms and
   softmax are not counted.
@@ -67,7 +70,7 @@ def gflops_per_image(model_config, image_size: int) -> float:
   tokens = num_tokens(model_config, image_size)
   n = count_params(model_config, image_size)["non_embedding"]
   width = model_config.width
-  qk_width = 2 * width if model_config.arch == "diffvit2" else width
+  qk_width = registry.kind(model_config.arch).qk_width_factor * width
   flops = 6 * n * tokens + 6 * model_config.depth * tokens**2 * (qk_width + width)
   return flops / 1e9
 
@@ -78,7 +81,7 @@ def diffvit2_extra_params(model_config) -> int:
   Per layer: the query projection is D -> 2D instead of D -> D (D*D, plus D
   biases with attn_bias) and W_lambda is D -> H (H = num_heads // 2, no bias).
   """
-  validate(model_config)
+  config_lib.validate_model(model_config)
   width, pairs = model_config.width, model_config.num_heads // 2
   per_layer = width * width + (width if model_config.attn_bias else 0) + width * pairs
   return model_config.depth * per_layer

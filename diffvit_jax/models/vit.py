@@ -2,7 +2,7 @@
 
 Equal to timm's `VisionTransformer` with `fc_norm=False`, `no_embed_class=False`
 (the class token has a position embedding), `global_pool='token'|'avg'`, pre-norm
-blocks and exact GELU: `diffvit_jax.convert` ports weights both ways and
+blocks and exact GELU: `diffvit_jax.interop.convert` ports weights both ways and
 tests/test_timm_equivalence.py checks the logits.
 
 Parameter tree (every Dense/Conv weight is a `kernel`, so the trainer's
@@ -26,13 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffvit_jax.errors import ConfigError
-from diffvit_jax.models import posemb
-from diffvit_jax.models.attention import (
-    DifferentialAttention,
-    DifferentialAttentionV2,
-    MultiHeadAttention,
-)
-from diffvit_jax.models.dense import dense_dot_general
+from diffvit_jax.models import posemb, registry
 from diffvit_jax.models.dropout import Dropout
 from diffvit_jax.models.norms import BLOCK_NORM_EPS, make_norm
 
@@ -56,7 +50,7 @@ class MlpBlock(nn.Module):
     dense = lambda features, name: nn.Dense(
         features, dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
-        dot_general=dense_dot_general, name=name)
+        name=name)
     width = x.shape[-1]
     x = dense(self.mlp_dim, "fc1")(x)
     x = nn.gelu(x, approximate=False)
@@ -91,41 +85,38 @@ class EncoderBlock(nn.Module):
 class ViT(nn.Module):
   """Vision Transformer classifier; `arch` picks the attention. NHWC images -> float32 logits.
 
-  Fields mirror `config.model` (see config_lib.model_config); build it with
-  `models.build_model`, which validates the config first.
+  Its fields are `config.model`'s (config_lib.model_config documents them);
+  build it with `models.build_model`, which validates the config and resolves
+  `attention_impl` to the path that runs.
   """
 
   num_classes: int
-  arch: str = "vit"  # 'vit' | 'diffvit' | 'diffvit2'
+  arch: str = "vit"
   width: int = 320
   depth: int = 8
   num_heads: int = 10  # of the classic ViT; differential kinds use num_heads // 2 pairs
   mlp_dim: int = 1280
   patch_size: int = 4
-  pool: str = "gap"  # 'cls' | 'gap'
-  posemb: str = "learn"  # 'learn' | 'sincos2d'
+  pool: str = "gap"
+  posemb: str = "learn"
   norm: str = "layernorm"
   attn_bias: bool = True
   diff_head_norm: str = "rmsnorm"
   dropout: float = 0.0
   attn_dropout: float = 0.0
   stoch_depth: float = 0.0
-  attention_impl: str = "fused"
-  dtype: Dtype = jnp.float32
+  attention_impl: str = "einsum"  # resolved: 'einsum' | 'xla' | 'cudnn'
+  attention_chunk_mib: int = 1024
+  dtype: str = "float32"  # compute dtype; parameters stay float32
 
   def attention_fn(self, layer: int) -> Callable[..., nn.Module]:
     """The attention constructor for the 1-based `layer` (call it with name=...)."""
-    common = dict(num_heads=self.num_heads, qkv_bias=self.attn_bias,
-                  attn_dropout=self.attn_dropout, dropout=self.dropout,
-                  impl=self.attention_impl, dtype=self.dtype)
-    if self.arch == "vit":
-      return functools.partial(MultiHeadAttention, **common)
-    if self.arch == "diffvit":
-      return functools.partial(DifferentialAttention, layer=layer,
-                               head_norm=self.diff_head_norm, **common)
-    if self.arch == "diffvit2":
-      return functools.partial(DifferentialAttentionV2, **common)
-    raise ValueError(f"Unknown arch {self.arch!r}.")
+    kind = registry.kind(self.arch)
+    return functools.partial(
+        kind.module, num_heads=self.num_heads, qkv_bias=self.attn_bias,
+        attn_dropout=self.attn_dropout, dropout=self.dropout, impl=self.attention_impl,
+        chunk_bytes=self.attention_chunk_mib * 2**20, dtype=jnp.dtype(self.dtype),
+        **kind.layer_fields(self, layer))
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
@@ -133,17 +124,18 @@ class ViT(nn.Module):
       # A VALID conv would silently drop the border pixels.
       raise ConfigError(f"Images of shape {images.shape} are not NHWC with height and width "
                         f"multiples of config.model.patch_size={self.patch_size}.")
+    dtype = jnp.dtype(self.dtype)
     x = nn.Conv(self.width, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID",
-                dtype=self.dtype, param_dtype=jnp.float32,
+                dtype=dtype, param_dtype=jnp.float32,
                 kernel_init=nn.initializers.lecun_normal(), bias_init=nn.initializers.zeros,
-                name="embedding")(images.astype(self.dtype))
+                name="embedding")(images.astype(dtype))
     batch, grid_h, grid_w, _ = x.shape
     x = x.reshape(batch, grid_h * grid_w, self.width)
 
     if self.pool == "cls":
       cls = self.param("cls", nn.initializers.normal(stddev=1e-6), (1, 1, self.width), jnp.float32)
-      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, self.width)), x],
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (batch, 1, self.width)), x],
                           axis=1)
     if self.posemb == "learn":
       # As timm: the class token has a position too (concat, then add).
@@ -153,17 +145,17 @@ class ViT(nn.Module):
       # Fixed; the class token (if any) gets zeros, i.e. no position.
       table = posemb.sincos_2d(grid_h, grid_w, self.width)
       pos = np.pad(table, [(x.shape[1] - table.shape[0], 0), (0, 0)])[None]
-    x = x + pos.astype(self.dtype)
+    x = x + pos.astype(dtype)
     x = Dropout(self.dropout)(x, deterministic=not train)
 
     rates = stochastic_depth_rates(self.stoch_depth, self.depth)
     for i in range(self.depth):
       x = EncoderBlock(self.attention_fn(layer=i + 1), mlp_dim=self.mlp_dim, norm=self.norm,
-                       dropout=self.dropout, drop_path=rates[i], dtype=self.dtype,
+                       dropout=self.dropout, drop_path=rates[i], dtype=dtype,
                        name=f"block_{i}")(x, train=train)
 
     # Final norm on every token before pooling, for both pools (timm fc_norm=False).
-    x = make_norm(self.norm, eps=BLOCK_NORM_EPS, dtype=self.dtype, name="norm")(x)
+    x = make_norm(self.norm, eps=BLOCK_NORM_EPS, dtype=dtype, name="norm")(x)
     x = x[:, 0] if self.pool == "cls" else jnp.mean(x.astype(jnp.float32), axis=1)
     # Head in float32: logits are float32 whatever the compute dtype.
     return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,

@@ -5,7 +5,7 @@ official `tiny-imagenet-200.zip` from TFDS's manual dir (zipped or already
 extracted) or downloads it, and writes array_record shards so that training
 reads the data without TensorFlow. Build it with
 
-  python -m diffvit_jax.data.build tiny_imagenet --data_dir DIR [--manual_dir DIR]
+  python -m diffvit_jax.data.prepare tiny_imagenet --data_dir DIR [--manual_dir DIR]
 
 Labels index the class wnids in sorted order: the convention of torchvision's
 ImageFolder over `train/`, which Tiny-ImageNet-C evaluation code also follows,
@@ -151,7 +151,7 @@ def _find_extracted_archive(dl_manager: tfds.download.DownloadManager) -> epath.
     raise DataError(
         f"Could not download {URL} ({type(e).__name__}: {e}). Download it by other means and "
         f"put {ZIP_NAME} (zipped or extracted) into the manual dir, then build again with "
-        "`python -m diffvit_jax.data.build tiny_imagenet --data_dir DIR --manual_dir MANUAL_DIR`."
+        "`python -m diffvit_jax.data.prepare tiny_imagenet --data_dir DIR --manual_dir MANUAL_DIR`."
     ) from e
   _check_md5(epath.Path(path))
   return _extract(dl_manager, path)

@@ -1,11 +1,11 @@
 r"""Throughput of the real train step (or of the input pipeline) for one config.
 
-  python -m diffvit_jax.bench --config configs/tiny_imagenet.py:diffvit_10m \
+  python -m diffvit_jax.tools.bench --config configs/tiny_imagenet.py:diffvit_10m \
       [--batch 256] [--steps 20] [--warmup 3] [--config.model.dtype=bfloat16]
-  python -m diffvit_jax.bench --config configs/tiny_imagenet.py:diffvit_10m \
+  python -m diffvit_jax.tools.bench --config configs/tiny_imagenet.py:diffvit_10m \
       --config.model.dtype=bfloat16 --differential_form=xla   # vs the default split_v on GPU
-  python -m diffvit_jax.bench --config configs/digits.py:vit --pipeline
-  python -m diffvit_jax.bench --config configs/tiny_imagenet.py:vit_10m --pipeline \
+  python -m diffvit_jax.tools.bench --config configs/digits.py:vit --pipeline
+  python -m diffvit_jax.tools.bench --config configs/tiny_imagenet.py:vit_10m --pipeline \
       --config.data.source=digits        # no Tiny ImageNet build needed
 
 Step mode times exactly what training runs: `steps.create_train_state` and
@@ -28,15 +28,15 @@ step_ms, compile_s, device_kind, num_devices, dtype and mfu (achieved model
 FLOP/s over the devices' peak dense FLOP/s from `PEAK_TFLOPS`; null where
 the device is not in the table, e.g. the CPU).
 
-On the CPU, `diffvit_jax.xla_flags.apply_cpu_defaults()` runs first (as in
+On the CPU, `diffvit_jax.cpu_runtime.apply_cpu_defaults()` runs first (as in
 training); scripts importing this module call it themselves before JAX starts.
 Nothing here imports TensorFlow: it runs on the GPU machine, which has none.
 """
 
-from diffvit_jax import xla_flags
+from diffvit_jax import cpu_runtime
 
 if __name__ == "__main__":
-  xla_flags.apply_cpu_defaults()  # Before jax initialises its backends.
+  cpu_runtime.apply_cpu_defaults()  # Before jax initialises its backends.
 
 import json  # noqa: E402
 import statistics  # noqa: E402
@@ -48,10 +48,11 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from diffvit_jax import dispatch, models, optim, steps  # noqa: E402
+from diffvit_jax import cpu_runtime  # noqa: E402
 from diffvit_jax.data import sharding  # noqa: E402
 from diffvit_jax.errors import UserError  # noqa: E402
-from diffvit_jax.models import attention, stats  # noqa: E402
+from diffvit_jax.models import attention_impl, stats  # noqa: E402
+from diffvit_jax.training import trainer as trainer_lib  # noqa: E402
 
 # Peak dense (no sparsity) TFLOP/s per device from the vendors' data sheets,
 # by compute dtype. 'float32' is what float32 matmuls run at under JAX's
@@ -96,17 +97,10 @@ def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict:
 
 
 def build_train_step(config, batch_size: int, mesh=None, total_steps: int = 10_000):
-  """(jitted train step, initial state, sharded synthetic batch), as training builds them."""
+  """(trainer, sharded synthetic batch): the trainer as training builds it."""
   mesh = sharding.make_mesh() if mesh is None else mesh
-  model = models.build_model(config.model)
-  tx = optim.create_optimizer(config.train, total_steps)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  init = jax.jit(lambda rng: steps.create_train_state(rng, model, config.data.image_size, tx),
-                 out_shardings=replicated)
-  state = init(jax.random.key(config.train.seed))
-  train_step, _ = steps.jit_steps(config, mesh, total_steps)
-  batch = sharding.shard_batch(synthetic_batch(config, batch_size), mesh)
-  return train_step, state, batch
+  trainer = trainer_lib.build(config, mesh, total_steps)
+  return trainer, sharding.shard_batch(synthetic_batch(config, batch_size), mesh)
 
 
 def time_steps(train_step, state, batch, num_steps: int):
@@ -115,7 +109,7 @@ def time_steps(train_step, state, batch, num_steps: int):
   Back to back with one wait at the end, except where `dispatch` bounds the
   steps in flight (the CPU: one at a time).
   """
-  in_flight = dispatch.StepQueue(dispatch.max_steps_in_flight())
+  in_flight = cpu_runtime.StepQueue(cpu_runtime.max_steps_in_flight())
   start = time.perf_counter()
   for _ in range(num_steps):
     state, metrics = train_step(state, batch)
@@ -126,7 +120,8 @@ def time_steps(train_step, state, batch, num_steps: int):
 
 def bench_step(config, batch_size: int, num_steps: int, warmup: int, repeats: int) -> dict:
   mesh = sharding.make_mesh()
-  train_step, state, batch = build_train_step(config, batch_size, mesh)
+  trainer, batch = build_train_step(config, batch_size, mesh)
+  train_step, state = trainer.train_step, trainer.state
   start = time.perf_counter()
   state, _ = train_step(state, batch)  # compiles
   jax.block_until_ready(state)
@@ -173,10 +168,6 @@ def bench_pipeline(config, batch_size: int, num_batches: int, warmup: int, repea
               num_workers=config.data.num_workers, read_threads=config.data.read_threads)
 
 
-def stats_dtype(name: str):
-  return jax.numpy.bfloat16 if name == "bfloat16" else jax.numpy.float32
-
-
 def run(config, *, batch_size: int | None, num_steps: int, warmup: int, repeats: int,
         pipeline: bool) -> dict:
   batch_size = batch_size or config.train.batch_size
@@ -189,10 +180,7 @@ def run(config, *, batch_size: int | None, num_steps: int, warmup: int, repeats:
       name=config.get("name", ""), mode="pipeline" if pipeline else "step", arch=model.arch,
       params=stats.count_params(model, config.data.image_size)["total"],
       gflops_per_image=round(stats.gflops_per_image(model, config.data.image_size), 4),
-      batch=batch_size, dtype=model.dtype, attention_impl=model.attention_impl,
-      differential_form=(attention.differential_form(
-          model.attention_impl, model.attn_dropout > 0, stats_dtype(model.dtype),
-          model.width // model.num_heads) if model.arch == "diffvit" else None),
+      batch=batch_size, dtype=model.dtype, attention=attention_impl.resolve(model).as_dict(),
       device_kind=jax.devices()[0].device_kind, num_devices=jax.device_count(),
       platform=jax.devices()[0].platform)
   if pipeline:
@@ -214,11 +202,7 @@ def _define_flags():
       warmup=flags.DEFINE_integer("warmup", 2, "Untimed steps first; the first one compiles."),
       repeats=flags.DEFINE_integer("repeats", 3, "Timed windows; step_ms is their median."),
       pipeline=flags.DEFINE_bool("pipeline", False,
-                                 "Time the input pipeline instead of the step."),
-      differential_form=flags.DEFINE_enum(
-          "differential_form", None, list(attention.DIFFERENTIAL_FORMS),
-          "How DifferentialAttention's fused impl computes (A1 - lambda A2) v (default: "
-          "'split_v' where cuDNN runs, else 'xla'); to compare them on a new machine."))
+                                 "Time the input pipeline instead of the step."))
 
 
 def main(argv, flag_values):
@@ -227,8 +211,6 @@ def main(argv, flag_values):
     if flag_values["config"].value is None:
       raise UserError("--config is required, e.g. --config configs/tiny_imagenet.py:vit_10m.")
     value = lambda name: flag_values[name].value
-    if value("differential_form"):
-      attention.DIFFERENTIAL_FUSED_FORM = value("differential_form")
     summary = run(value("config"), batch_size=value("batch"), num_steps=value("steps"),
                   warmup=value("warmup"), repeats=value("repeats"), pipeline=value("pipeline"))
   except UserError as e:

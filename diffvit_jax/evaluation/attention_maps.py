@@ -1,6 +1,7 @@
 r"""Figures of what each layer and head attends to, for a checkpoint and a few validation images.
 
-  python -m diffvit_jax.attention_maps --workdir RUN [--num_images 4] [--out DIR] [--best]
+  python -m diffvit_jax.evaluation.attention_maps --workdir RUN [--num_images 4] [--out DIR] \
+      [--best]
 
 The maps come from `models.attention_maps` (the extraction lives with the
 models). For each image, one figure: a row per layer, and per head the
@@ -195,10 +196,11 @@ def write_attention_maps(workdir: str, out_dir: str = "", num_images: int = 4,
   """Writes the per-image figures and the summary; returns the PNG paths."""
   import jax
 
-  from diffvit_jax import checkpointing, models
-  from diffvit_jax.analysis import plots
+  from diffvit_jax import models
   from diffvit_jax.data import input_pipeline
   from diffvit_jax.errors import ConfigError
+  from diffvit_jax.reporting import plots
+  from diffvit_jax.training import checkpointing
 
   if num_images < 1:
     raise ConfigError(f"--num_images must be at least 1, got {num_images}.")
@@ -236,7 +238,7 @@ def write_attention_maps(workdir: str, out_dir: str = "", num_images: int = 4,
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(
-      prog="python -m diffvit_jax.attention_maps",
+      prog="python -m diffvit_jax.evaluation.attention_maps",
       description="Attention maps per layer and head of a checkpoint on validation images.")
   parser.add_argument("--workdir", required=True, help="training workdir (with checkpoints/)")
   parser.add_argument("--num_images", type=int, default=4, help="validation images (default 4)")

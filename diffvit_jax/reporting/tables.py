@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from diffvit_jax.analysis import runs as runs_lib
+from diffvit_jax.reporting import runs as runs_lib
 
 # Per-run numbers that get a mean and a std over seeds; see `Run.summary` for their source.
 METRICS = ("best_top1", "final_top1", "best_top5", "final_top5", "final_loss", "images_per_sec",

@@ -16,8 +16,8 @@ import warnings
 
 import numpy as np
 
-from diffvit_jax.analysis import events
 from diffvit_jax.errors import DataError
+from diffvit_jax.reporting import events
 
 RUN_INFO = "run_info.json"
 ROBUSTNESS_JSON = "robustness.json"

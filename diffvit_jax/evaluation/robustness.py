@@ -33,9 +33,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from diffvit_jax import checkpointing
-from diffvit_jax.analysis import plots
 from diffvit_jax.errors import CheckpointError, ConfigError, DataError
+from diffvit_jax.reporting import plots
+from diffvit_jax.training import checkpointing
 
 RESULTS_JSON = "robustness.json"
 RESULTS_CSV = "robustness.csv"
@@ -168,7 +168,7 @@ def write_plot(result: dict, path_without_ext: str) -> list[str]:
 
 def _restore_state(config, workdir: str, best: bool):
   """(mesh, eval_step, state with the checkpoint's parameters, step) via the trainer's setup."""
-  from diffvit_jax import train
+  from diffvit_jax.training import loop as train
 
   params, saved_config, step = checkpointing.load_for_inference(workdir, best=best)
   mine, theirs = checkpointing.run_identity(config), checkpointing.run_identity(saved_config)
@@ -192,7 +192,7 @@ def evaluate_corrupted(config, workdir: str, *, baseline_workdir: str = "",
   Returns the summary printed by `main`: step, clean top-1, the mean corruption
   error, the mCE when there is a baseline, and where the results are.
   """
-  from diffvit_jax import train
+  from diffvit_jax.training import loop as train
 
   workdir, baseline_workdir = os.fspath(workdir), os.fspath(baseline_workdir)
   names, severities = _check_choice(config, corruptions, severities)

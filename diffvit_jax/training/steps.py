@@ -15,7 +15,7 @@ import optax
 from clu import metrics
 from flax.training import train_state
 
-from diffvit_jax import optim
+from diffvit_jax.training import optim
 
 _NEVER = jnp.iinfo(jnp.int32).max
 

@@ -1,6 +1,6 @@
 r"""Print a model's parameter tree and its size, without allocating it.
 
-  python -m diffvit_jax.describe --config configs/tiny_imagenet.py:diffvit_20m \
+  python -m diffvit_jax.tools.describe --config configs/tiny_imagenet.py:diffvit_20m \
       [--config.model.depth=12 ...]
 
 Prints clu's parameter overview of the real tree (from `jax.eval_shape`) and,

@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from diffvit_jax import dispatch
+from diffvit_jax import cpu_runtime
 
 
 class FakeStepOutput:
@@ -22,7 +22,7 @@ class FakeStepOutput:
 ])
 def test_step_queue_waits_for_the_oldest_steps(limit, waited):
   log = []
-  queue = dispatch.StepQueue(limit)
+  queue = cpu_runtime.StepQueue(limit)
   for i in range(4):
     queue.push(FakeStepOutput(f"s{i}", log))
   assert log == waited
@@ -31,4 +31,4 @@ def test_step_queue_waits_for_the_oldest_steps(limit, waited):
 def test_cpu_waits_for_every_step():
   # On XLA:CPU each queued step holds its own temporaries (RESULTS.md: 3.6x the memory).
   assert jax.default_backend() == "cpu"
-  assert dispatch.max_steps_in_flight() == 0
+  assert cpu_runtime.max_steps_in_flight() == 0

@@ -1,7 +1,7 @@
 """CPU-backend runtime settings, applied before JAX initialises (the benchmark and main call it).
 
-    from diffvit_jax import xla_flags
-    xla_flags.apply_cpu_defaults()   # first thing, before `import jax` anywhere
+    from diffvit_jax import cpu_runtime
+    cpu_runtime.apply_cpu_defaults()   # first thing, before `import jax` anywhere
     import jax
 
 Why (measured in benchmarks/RESULTS.md, "Train step on the CPU"):
@@ -15,23 +15,22 @@ Why (measured in benchmarks/RESULTS.md, "Train step on the CPU"):
   whichever thread asks) keeps the buffer mapped across steps: zero faults
   after the first steps. The cost is that freed memory stays in the process
   (its peak is kept), which a training process reaches anyway.
-- XLA flags: none is set by default. The measured candidates (oneDNN and
-  XNNPACK fusions, multi-threaded Eigen off, fast math) did not beat XLA's
-  defaults on this jaxlib (0.10, whose CPU dots already go through YNNPACK)
-  by more than the noise; `CPU_XLA_FLAGS` is where one would go.
+- Steps in flight (`StepQueue`). JAX dispatches asynchronously; on GPUs
+  queued steps cost nothing, but on XLA:CPU each queued execution holds its
+  own temp buffer (all of its intermediates) and slows the running one. So on
+  the CPU the train loop waits for each step before dispatching the next; the
+  input pipeline runs in its own threads meanwhile.
 
-Only the CPU backend is concerned: nothing is done when an accelerator
+The allocator setting concerns only the CPU backend: nothing is done when an accelerator
 backend is requested (`JAX_PLATFORMS` naming one) or installed (a jax CUDA /
 ROCm plugin, or libtpu), where host memory is not the step's working memory.
 Set `DIFFVIT_CPU_DEFAULTS=0` to skip it all.
 """
 
+import collections
 import ctypes
 import importlib.util
 import os
-
-# XLA flags appended to $XLA_FLAGS for the CPU backend (a flag already there wins).
-CPU_XLA_FLAGS: tuple[str, ...] = ()
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -70,14 +69,34 @@ def apply_cpu_defaults() -> dict:
   global _applied
   if _applied is not None:
     return _applied
-  _applied = dict(cpu=False, allocator=False, xla_flags=[])
+  _applied = dict(cpu=False, allocator=False)
   if os.environ.get("DIFFVIT_CPU_DEFAULTS", "1") == "0" or not cpu_only():
     return _applied
   _applied["cpu"] = True
   _applied["allocator"] = keep_freed_memory_mapped()
-  current = os.environ.get("XLA_FLAGS", "")
-  extra = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in current]
-  if extra:
-    os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
-    _applied["xla_flags"] = extra
   return _applied
+
+
+def max_steps_in_flight() -> int | None:
+  """Train steps that may stay unfinished after a dispatch returns; None for no limit."""
+  import jax
+
+  return 0 if jax.default_backend() == "cpu" else None
+
+
+class StepQueue:
+  """Waits for the oldest dispatched steps while more than `limit` are unfinished."""
+
+  def __init__(self, limit: int | None):
+    self._limit = limit
+    self._pending = collections.deque()
+
+  def push(self, outputs) -> None:
+    """Records a step's outputs (not donated ones) and waits while too many are queued."""
+    if self._limit is None:
+      return
+    self._pending.append(outputs)
+    while len(self._pending) > self._limit:
+      import jax
+
+      jax.block_until_ready(self._pending.popleft())

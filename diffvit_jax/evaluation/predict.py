@@ -1,6 +1,6 @@
 r"""Top-5 classes of image files under a trained checkpoint.
 
-  python -m diffvit_jax.predict --workdir RUN [--best] [--top_k 5] IMAGE...
+  python -m diffvit_jax.evaluation.predict --workdir RUN [--best] [--top_k 5] IMAGE...
 
 Each image is decoded, resized and normalised exactly as the evaluation
 pipeline does it (`data.images`, `data.preprocess`), then classified. Prints,
@@ -52,7 +52,8 @@ def predict(workdir: str, paths: list[str], *, top_k: int = 5,
   """Per image, the top_k (class name, probability), most probable first."""
   import jax
 
-  from diffvit_jax import checkpointing, models
+  from diffvit_jax import models
+  from diffvit_jax.training import checkpointing
 
   params, config, _ = checkpointing.load_for_inference(workdir, best=best)
   batch = np.stack([load_image(p, config.data) for p in paths])
@@ -69,7 +70,7 @@ def predict(workdir: str, paths: list[str], *, top_k: int = 5,
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(
-      prog="python -m diffvit_jax.predict",
+      prog="python -m diffvit_jax.evaluation.predict",
       description="Top-k classes (with names and probabilities) of images under a checkpoint.")
   parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format)")
   parser.add_argument("--workdir", required=True, help="training workdir (with checkpoints/)")

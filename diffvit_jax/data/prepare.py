@@ -1,6 +1,6 @@
 r"""Builds a TFDS data set of this project (once, before training).
 
-  python -m diffvit_jax.data.build tiny_imagenet --data_dir DIR [--manual_dir DIR]
+  python -m diffvit_jax.data.prepare tiny_imagenet --data_dir DIR [--manual_dir DIR]
 
 Downloads http://cs231n.stanford.edu/tiny-imagenet-200.zip unless the manual
 dir (default DIR/downloads/manual) holds tiny-imagenet-200.zip or its

@@ -1,6 +1,6 @@
 r"""Plots and tables from training workdirs.
 
-  python -m diffvit_jax.report RUN_DIR... --out reports
+  python -m diffvit_jax.reporting.report RUN_DIR... --out reports
   ./launch.sh report                      # every run under runs/
 
 Reads each run's TensorBoard events (written by CLU), run_info.json and,
@@ -25,9 +25,9 @@ import argparse
 import os
 import sys
 
-from diffvit_jax.analysis import plots, tables
-from diffvit_jax.analysis import runs as runs_lib
 from diffvit_jax.errors import DataError, UserError
+from diffvit_jax.reporting import plots, tables
+from diffvit_jax.reporting import runs as runs_lib
 
 
 def _image(path: str, out_dir: str, alt: str) -> str:
@@ -164,7 +164,7 @@ def write_report(workdirs: list[str], out_dir: str) -> dict[str, str]:
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(
-      prog="python -m diffvit_jax.report",
+      prog="python -m diffvit_jax.reporting.report",
       description="Plots (PNG, SVG) and tables (Markdown, CSV) from training workdirs.")
   parser.add_argument("workdirs", nargs="+", metavar="RUN_DIR",
                       help="training workdirs (each with run_info.json and event files)")

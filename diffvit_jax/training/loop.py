@@ -4,6 +4,7 @@ Data flows one way: grain host batches -> globally sharded batches on a 1-D
 `data` mesh -> the jitted train step -> CLU metrics and orbax checkpoints.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -16,9 +17,11 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from diffvit_jax import checkpointing, dispatch, models, optim, steps
+from diffvit_jax import cpu_runtime, models
 from diffvit_jax.data import input_pipeline, sharding
 from diffvit_jax.errors import ConfigError, DivergenceError, Preempted
+from diffvit_jax.training import checkpointing, steps
+from diffvit_jax.training import trainer as trainer_lib
 
 RUN_INFO = "run_info.json"
 
@@ -115,7 +118,16 @@ def _read_run_info(workdir: str) -> dict:
     return {}
 
 
-def setup(config, workdir: str):
+@dataclasses.dataclass
+class Run:
+  """A run's trainer (model, attention path, state, steps) with its data and checkpoints."""
+
+  trainer: trainer_lib.Trainer
+  info: input_pipeline.DatasetInfo
+  ckpt: checkpointing.Checkpointer
+
+
+def setup(config, workdir: str) -> Run:
   """Everything a run needs before its first step (shared with `eval` mode)."""
   mesh = sharding.make_mesh()
   info = input_pipeline.get_dataset_info(config.data)
@@ -123,22 +135,19 @@ def setup(config, workdir: str):
     raise ConfigError(
         f"config.model.num_classes={config.model.num_classes} but the data source "
         f"{config.data.source!r} has {info.num_classes} classes.")
-  total_steps = total_train_steps(config.train, info.num_train)
-  model = models.build_model(config.model)
-  tx = optim.create_optimizer(config.train, total_steps)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state = jax.jit(
-      lambda rng: steps.create_train_state(rng, model, config.data.image_size, tx),
-      out_shardings=replicated)(jax.random.PRNGKey(config.train.seed))
-  train_step, eval_step = steps.jit_steps(config, mesh, total_steps)
-  ckpt = checkpointing.Checkpointer(workdir, config)
-  return mesh, info, total_steps, state, train_step, eval_step, ckpt
+  trainer = trainer_lib.build(config, mesh, total_train_steps(config.train, info.num_train))
+  logging.info("Attention: %s (config.model.attention_impl=%r; %s).", trainer.attention.impl,
+               trainer.attention.requested, trainer.attention.reason)
+  return Run(trainer=trainer, info=info, ckpt=checkpointing.Checkpointer(workdir, config))
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (resuming from the latest checkpoint in `workdir`) and returns final eval metrics."""
   os.makedirs(workdir, exist_ok=True)
-  mesh, info, total_steps, state, train_step, eval_step, ckpt = setup(config, workdir)
+  run = setup(config, workdir)
+  info, ckpt, mesh = run.info, run.ckpt, run.trainer.mesh
+  total_steps, state = run.trainer.total_steps, run.trainer.state
+  train_step, eval_step = run.trainer.train_step, run.trainer.eval_step
   is_chief = jax.process_index() == 0
   train_iter = input_pipeline.create_train_iterator(
       config.data, global_batch_size=config.train.batch_size, seed=config.train.seed,
@@ -162,6 +171,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       batch_size=config.train.batch_size, total_steps=total_steps,
       num_train=info.num_train, num_eval=info.num_eval,
       steps_per_epoch=info.num_train / config.train.batch_size,
+      attention=run.trainer.attention.as_dict(),
       config=json.loads(config.to_json_best_effort()))
   run_info.setdefault("train_seconds", 0.0)
   if start_step == 0:
@@ -203,7 +213,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "Lower config.train.learning_rate, set config.train.grad_clip, or set "
         "config.train.on_nonfinite='skip' to skip such steps.")
 
-  in_flight = dispatch.StepQueue(dispatch.max_steps_in_flight())
+  in_flight = cpu_runtime.StepQueue(cpu_runtime.max_steps_in_flight())
   with PreemptionGuard() as guard, metric_writers.ensure_flushes(writer):
     step = start_step
     while step < total_steps:
@@ -222,7 +232,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       save_now = step % config.train.checkpoint_every == 0 or is_last
       preempted = guard.signal_name is not None
       if log_now or eval_now or save_now or preempted:
-        # The only host synchronisation (but for the CPU's per-step wait, see dispatch.py):
+        # The only host synchronisation (but for the CPU's per-step wait, see cpu_runtime.py):
         # nothing unchecked is evaluated or saved.
         summary = train_metrics.compute()
         check_finite(summary)
@@ -270,7 +280,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def evaluate_checkpoint(config, workdir: str, *, best: bool = False) -> dict:
   """`--mode eval`: the latest (or best) checkpoint on the evaluation split."""
-  mesh, _, _, state, _, eval_step, ckpt = setup(config, workdir)
+  run = setup(config, workdir)
+  ckpt, trainer = run.ckpt, run.trainer
+  state, eval_step, mesh = trainer.state, trainer.eval_step, trainer.mesh
   if ckpt.latest_step() is None:
     raise checkpointing.CheckpointError(
         f"No checkpoint in {workdir}: train first (same --config and --workdir).")

@@ -3,23 +3,21 @@
 import jax
 import numpy as np
 
-from diffvit_jax.models.attention import LAMBDA_VECTORS, differential_lambda
+from diffvit_jax.models import registry
 from diffvit_jax.models.build import build_model
 
 
 def lambda_per_layer(params, model_config) -> np.ndarray | None:
-  """The scalar lambda of each layer, [depth], for arch 'diffvit'.
+  """The scalar lambda of each layer, [depth], for kinds whose lambda is one per layer.
 
-  None for 'vit' (no lambda) and for 'diffvit2', whose lambda depends on the
-  token (see `attention_maps` for its per-query values on given images).
+  None where the registry has no per-layer read-out ('vit' has no lambda;
+  'diffvit2's depends on the token: see `attention_maps` for its per-query
+  values on given images).
   """
-  if model_config.arch != "diffvit":
+  readout = registry.kind(model_config.arch).lambda_per_layer
+  if readout is None:
     return None
-  values = []
-  for i in range(model_config.depth):
-    attn = params[f"block_{i}"]["attn"]
-    values.append(differential_lambda(*(attn[name] for name in LAMBDA_VECTORS), layer=i + 1))
-  return np.asarray(jax.device_get(values), np.float32)
+  return np.asarray(jax.device_get(readout(params, model_config)), np.float32)
 
 
 def attention_maps(model_config, params, images) -> list[dict[str, np.ndarray]]:
@@ -30,13 +28,11 @@ def attention_maps(model_config, params, images) -> list[dict[str, np.ndarray]]:
   'diffvit2': as 'diffvit' but 'lambda' is [B, H, T], one value per query token.
   Runs the einsum path (the only one that materialises the maps) in eval mode.
   """
-  config = model_config.copy_and_resolve_references()
-  config.attention_impl = "einsum"
-  model = build_model(config)
+  model = build_model(model_config, attention="einsum")
   _, state = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False,
                                               mutable=["intermediates"]))(params, images)
   maps = []
-  for i in range(config.depth):
+  for i in range(model_config.depth):
     sown = state["intermediates"][f"block_{i}"]["attn"]
     maps.append({name: np.asarray(values[0]) for name, values in sown.items()})
   return maps

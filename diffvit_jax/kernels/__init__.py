@@ -1,1 +1,0 @@
-"""Hand-written kernels for what XLA does not fuse on a backend."""
