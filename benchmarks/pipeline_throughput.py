@@ -5,7 +5,7 @@ r"""Input throughput (images/s) of the v2 train pipeline, in-process and with wo
 Builds a fake Tiny ImageNet (64x64 JPEGs, TFDS array_record, like the real
 build) of --num_images images unless --data_dir points at a build, then
 times the train iterator of configs/tiny_imagenet.py's v2 protocol (96x96,
-random resized crop, flip, RandAugment 2/9, normalisation) after a warm-up
+random resized crop, flip, RandAugment rand-m9-mstd0.5-inc1, normalisation) after a warm-up
 that absorbs worker start-up. Numbers are host-side only (no device transfer).
 """
 

@@ -23,7 +23,7 @@ def get_config(arch: str = "vit"):
       arch=arch, width=64, depth=4, num_heads=4, mlp_dim=128, patch_size=2, pool="gap",
       posemb="learn", norm="layernorm", attn_bias=True, stoch_depth=0.1, num_classes=10)
   config.data.update(source="digits", image_size=8, crop="none", flip=False,
-                     randaugment_layers=0, num_workers=0)
+                     randaugment="", num_workers=0)
   config.data.mean = (0.5, 0.5, 0.5)
   config.data.std = (0.5, 0.5, 0.5)
   config.train.update(

@@ -53,7 +53,7 @@ def get_config(arg: str = "vit_10m"):
     # No augmentation, no label smoothing, no mixing: the study had none.
   else:
     config.data.update(image_size=96, crop="random_resized", crop_scale_min=0.35, flip=True,
-                       randaugment_layers=2, randaugment_magnitude=9, num_workers=8)
+                       randaugment="rand-m9-mstd0.5-inc1", num_workers=8)
     config.model.update(patch_size=4, pool="gap", posemb="learn", norm="layernorm",
                         attn_bias=True, diff_head_norm="rmsnorm", dropout=0.0,
                         stoch_depth=0.1)

@@ -32,7 +32,7 @@ def test_seed_protocol_is_the_study(size, batch):
     assert c.model.pool == "cls" and c.model.norm == "rmsnorm" and not c.model.attn_bias
     assert c.model.dropout == 0.1
     # No augmentation of any kind.
-    assert c.data.crop == "none" and not c.data.flip and c.data.randaugment_layers == 0
+    assert c.data.crop == "none" and not c.data.flip and not c.data.randaugment
     assert c.train.mixup_alpha == 0 and c.train.cutmix_alpha == 0
     assert c.train.label_smoothing == 0 and c.model.stoch_depth == 0
 

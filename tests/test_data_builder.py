@@ -97,7 +97,8 @@ def test_reading_does_not_import_tensorflow(zip_build):
       from diffvit_jax import config_lib
       from diffvit_jax.data import input_pipeline
       data = config_lib.data_config(source="tiny_imagenet", dir={zip_build!r}, image_size=32,
-                                    crop="random_resized", flip=True, randaugment_layers=2)
+                                    crop="random_resized", flip=True,
+                                    randaugment="rand-m9-mstd0.5-inc1")
       assert input_pipeline.get_dataset_info(data).num_train == 20
       batch = next(input_pipeline.create_train_iterator(data, global_batch_size=4, seed=0))
       assert batch["image"].shape == (4, 32, 32, 3)

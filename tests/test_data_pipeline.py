@@ -68,7 +68,8 @@ def test_epochs_are_seeded_permutations(folder):
 
 
 def test_augmentation_is_seeded(folder):
-  data = _data(folder, image_size=16, crop="random_resized", flip=True, randaugment_layers=2,
+  data = _data(folder, image_size=16, crop="random_resized", flip=True,
+               randaugment="rand-m9-mstd0.5-inc1",
                train_corruption="gaussian_noise", train_severity=3)
   a = _take(input_pipeline.create_train_iterator(data, global_batch_size=4, seed=0), 2)
   b = _take(input_pipeline.create_train_iterator(data, global_batch_size=4, seed=0), 2)
@@ -100,7 +101,7 @@ def test_processes_split_the_global_batches(folder, process_count):
 
 
 def test_state_restores_the_same_batches(folder):
-  data = _data(folder, crop="random_resized", flip=True, randaugment_layers=1)
+  data = _data(folder, crop="random_resized", flip=True, randaugment="rand-n1-m9")
   it = input_pipeline.create_train_iterator(data, global_batch_size=4, seed=0)
   _take(it, 9)  # Past the end of the first epoch.
   state = json.loads(json.dumps(it.get_state()))  # What grain's orbax handler writes.

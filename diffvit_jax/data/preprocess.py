@@ -23,8 +23,7 @@ class TrainPreprocess(grain.transforms.RandomMap):
   crop: str = "none"
   crop_scale_min: float = 0.35
   flip: bool = False
-  randaugment_layers: int = 0
-  randaugment_magnitude: float = 9.0
+  randaugment: augment.RandAugment | None = None
   corruption: str = ""
   severity: int = 0
 
@@ -38,8 +37,9 @@ class TrainPreprocess(grain.transforms.RandomMap):
     if data.train_corruption:
       corruptions.check(data.train_corruption, data.train_severity, "data.train_corruption")
     return cls(image_size=data.image_size, crop=data.crop, crop_scale_min=data.crop_scale_min,
-               flip=bool(data.flip), randaugment_layers=data.randaugment_layers,
-               randaugment_magnitude=data.randaugment_magnitude,
+               flip=bool(data.flip),
+               randaugment=augment.parse_randaugment(
+                   data.randaugment, fill=augment.fill_from_mean(data.mean)),
                corruption=data.train_corruption, severity=data.train_severity)
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
@@ -56,7 +56,8 @@ class TrainPreprocess(grain.transforms.RandomMap):
       image = augment.resize(image, self.image_size)
     if self.flip:
       image = augment.random_flip(image, rng)
-    image = augment.randaugment(image, rng, self.randaugment_layers, self.randaugment_magnitude)
+    if self.randaugment is not None:
+      image = self.randaugment(image, rng)
     return {"image": np.ascontiguousarray(image), "label": np.int32(element["label"])}
 
 
