@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from diffvit_jax.models.differential import LAMBDA_VECTORS, differential_lambda
 
 from diffvit_jax import config_lib
 from diffvit_jax.errors import ConfigError
@@ -19,6 +18,7 @@ from diffvit_jax.models import (
   lambda_init,
   lambda_per_layer,
 )
+from diffvit_jax.models.differential import LAMBDA_VECTORS, differential_lambda
 
 ARCHS = ("vit", "diffvit", "diffvit2")
 IMAGE = 16

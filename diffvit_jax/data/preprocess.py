@@ -39,7 +39,8 @@ class TrainPreprocess(grain.transforms.RandomMap):
     return cls(image_size=data.image_size, crop=data.crop, crop_scale_min=data.crop_scale_min,
                flip=bool(data.flip),
                randaugment=augment.parse_randaugment(
-                   data.randaugment, fill=augment.fill_from_mean(data.mean)),
+                   data.randaugment, fill=augment.fill_from_mean(data.mean),
+                   interpolation=data.randaugment_interpolation),
                corruption=data.train_corruption, severity=data.train_severity)
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:

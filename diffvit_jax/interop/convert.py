@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from diffvit_jax.config_lib import validate_model as validate
 from diffvit_jax.errors import ConfigError
 from diffvit_jax.models import posemb
-from diffvit_jax.models.build import check_image_size, validate
+from diffvit_jax.models.build import check_image_size
 
 # timm's Linear / conv weight -> our kernel, and back.
 _TO_OURS = {"linear": lambda w: w.T, "conv": lambda w: w.transpose(2, 3, 1, 0),
