@@ -35,8 +35,8 @@ def test_digits_run_learns_logs_checkpoints_and_resumes(tmp_path):
   assert final["top1"] > 0.5  # Chance is 0.1.
 
   logged = scalars(workdir)
-  for tag in ("train/loss", "train/accuracy", "train/learning_rate", "train/grad_norm",
-              "train/images_per_sec", "steps_per_sec", "lambda/layer_1", "lambda/layer_4",
+  for tag in ("train/loss", "train/accuracy_vs_dominant_target", "train/learning_rate",
+              "train/grad_norm", "train/images_per_sec", "steps_per_sec", "lambda/layer_1", "lambda/layer_4",
               "eval/loss", "eval/top1", "eval/top5"):
     assert tag in logged, f"{tag} missing from {sorted(logged)}"
   assert logged["eval/top1"] == [100, 200]
