@@ -26,8 +26,10 @@ def get_config(arch: str = "vit"):
                      randaugment="", num_workers=0)
   config.data.mean = (0.5, 0.5, 0.5)
   config.data.std = (0.5, 0.5, 0.5)
+  # The run is stated in steps, so the warmup is too; the lr follows the batch (linear rule).
   config.train.update(
-      batch_size=128, eval_batch_size=120, learning_rate=5e-3, warmup_steps=50,
-      steps=1000, weight_decay=0.05, weight_decay_mask="matrices", grad_clip=1.0,
-      label_smoothing=0.1, eval_every=250, checkpoint_every=500, log_every=100)
+      batch_size=128, eval_batch_size=120, learning_rate=5e-3, lr_reference_batch=128,
+      warmup_steps=50, warmup_epochs=0.0, steps=1000, weight_decay=0.05,
+      weight_decay_mask="matrices", grad_clip=1.0, label_smoothing=0.1, eval_every=250,
+      checkpoint_every=500, log_every=100)
   return config

@@ -90,7 +90,14 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
   t = ml_collections.ConfigDict()
   t.batch_size = 256  # global, over all devices and hosts
   t.eval_batch_size = 256  # global
-  t.learning_rate = 1e-3  # peak
+  # Peak learning rate at the global batch `lr_reference_batch`; the run's peak is
+  # learning_rate * batch_size / lr_reference_batch (the linear rule), so a batch-size
+  # override keeps the recipe. lr_reference_batch = 0: no scaling, learning_rate is the peak.
+  t.learning_rate = 1e-3
+  t.lr_reference_batch = 0
+  # Linear warmup, in epochs (turned into steps of this run's batch) or in steps: at most
+  # one of the two is > 0.
+  t.warmup_epochs = 0.0
   t.warmup_steps = 0
   t.schedule = "cosine"  # 'cosine' (warmup then cosine to 0) | 'constant'
   t.num_epochs = 0.0  # used when steps is 0
@@ -220,8 +227,8 @@ def validate(config, *, workdir: str | None = None, mode: str = "train",
 
   fail = _fail
   validate_model(config.model)
-  _check_choices(config, "data.")
-  _check_choices(config, "train.")
+  _check_choices(config.data, "data.")
+  _check_choices(config.train, "train.")
   m, d, t = config.model, config.data, config.train
   _check_positive_ints(config, ("data.image_size", "train.batch_size", "train.eval_batch_size",
                                 "train.log_every", "train.eval_every", "train.checkpoint_every",
@@ -238,8 +245,17 @@ def validate(config, *, workdir: str | None = None, mode: str = "train",
            "train, e.g. --config.train.steps=1000 or --config.train.num_epochs=50.")
     if not t.learning_rate > 0:
       fail("train.learning_rate", f"must be > 0, got {t.learning_rate!r}.")
-    if t.warmup_steps < 0 or t.weight_decay < 0 or t.grad_clip < 0:
-      fail("train", "warmup_steps, weight_decay and grad_clip must be >= 0.")
+    if t.weight_decay < 0 or t.grad_clip < 0:
+      fail("train", "weight_decay and grad_clip must be >= 0.")
+    for field in ("warmup_steps", "lr_reference_batch"):
+      if isinstance(t[field], bool) or not isinstance(t[field], int) or t[field] < 0:
+        fail(f"train.{field}", f"must be an integer >= 0, got {t[field]!r}.")
+    if not t.warmup_epochs >= 0:
+      fail("train.warmup_epochs", f"must be >= 0, got {t.warmup_epochs!r}.")
+    if t.warmup_epochs and t.warmup_steps:
+      fail("train.warmup_epochs", f"{t.warmup_epochs!r} and train.warmup_steps="
+           f"{t.warmup_steps!r} are both set: say the warmup one way (epochs follow the batch "
+           "size, steps do not) and set the other to 0.")
   if d.randaugment:
     from diffvit_jax.data import augment
 

@@ -35,9 +35,9 @@ def test_digits_run_learns_logs_checkpoints_and_resumes(tmp_path):
   assert final["top1"] > 0.5  # Chance is 0.1.
 
   logged = scalars(workdir)
-  for tag in ("train/loss", "train/accuracy", "train/learning_rate", "train/grad_norm",
-              "train/images_per_sec", "steps_per_sec", "lambda/layer_1", "lambda/layer_4",
-              "eval/loss", "eval/top1", "eval/top5"):
+  for tag in ("train/loss", "train/accuracy_vs_dominant_target", "train/learning_rate",
+              "train/grad_norm", "train/images_per_sec", "steps_per_sec", "lambda/layer_1",
+              "lambda/layer_4", "eval/loss", "eval/top1", "eval/top5"):
     assert tag in logged, f"{tag} missing from {sorted(logged)}"
   assert logged["eval/top1"] == [100, 200]
   assert sorted(os.listdir(workdir / "checkpoints")) == ["100", "200"]
@@ -51,4 +51,9 @@ def test_digits_run_learns_logs_checkpoints_and_resumes(tmp_path):
   with open(workdir / "run_info.json") as f:
     info = json.load(f)
   assert info["completed_steps"] == 250 and info["eval_step"] == 250
+  # digits: 50 warmup steps, lr 5e-3 at its own batch 128, whatever --config.train.steps says.
+  assert (info["total_steps"], info["warmup_steps"]) == (250, 50)
+  assert info["peak_learning_rate"] == 5e-3
+  assert "250 steps of global batch 128" in second.stderr
+  assert "warmup 50 steps" in second.stderr and "peak learning rate 0.005" in second.stderr
   assert np.isfinite(info["final_eval"]["loss"])

@@ -99,7 +99,10 @@ def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict:
 def build_train_step(config, batch_size: int, mesh=None, total_steps: int = 10_000):
   """(trainer, sharded synthetic batch): the trainer as training builds it."""
   mesh = sharding.make_mesh() if mesh is None else mesh
-  trainer = trainer_lib.build(config, mesh, total_steps)
+  # Synthetic data has no epochs: call `total_steps` one, which only sets the learning-rate
+  # values (warmup in epochs), not the cost of a step.
+  trainer = trainer_lib.build(config, mesh, total_steps,
+                              num_train_examples=total_steps * config.train.batch_size)
   return trainer, sharding.shard_batch(synthetic_batch(config, batch_size), mesh)
 
 

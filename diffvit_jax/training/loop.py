@@ -6,7 +6,6 @@ Data flows one way: grain host batches -> globally sharded batches on a 1-D
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import time
@@ -20,20 +19,11 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from diffvit_jax import cpu_runtime, models
 from diffvit_jax.data import input_pipeline, sharding
 from diffvit_jax.errors import ConfigError, DivergenceError, Preempted
-from diffvit_jax.training import checkpointing, steps
+from diffvit_jax.training import checkpointing, optim, steps
 from diffvit_jax.training import trainer as trainer_lib
+from diffvit_jax.training.optim import total_train_steps  # noqa: F401  (the loop's API)
 
 RUN_INFO = "run_info.json"
-
-
-def total_train_steps(train_config, num_train_examples: int) -> int:
-  """`train.steps` when set, else enough steps for `train.num_epochs` epochs."""
-  if train_config.steps and train_config.steps > 0:
-    return int(train_config.steps)
-  if train_config.num_epochs and train_config.num_epochs > 0:
-    return int(math.ceil(train_config.num_epochs * num_train_examples / train_config.batch_size))
-  raise ConfigError("Neither config.train.steps nor config.train.num_epochs is set (> 0): "
-                    "say how long to train, e.g. --config.train.num_epochs=50.")
 
 
 class PreemptionGuard:
@@ -125,6 +115,7 @@ class Run:
   trainer: trainer_lib.Trainer
   info: input_pipeline.DatasetInfo
   ckpt: checkpointing.Checkpointer
+  recipe: optim.Recipe  # steps, warmup and peak learning rate at this batch and data set
 
 
 def setup(config, workdir: str) -> Run:
@@ -135,10 +126,12 @@ def setup(config, workdir: str) -> Run:
     raise ConfigError(
         f"config.model.num_classes={config.model.num_classes} but the data source "
         f"{config.data.source!r} has {info.num_classes} classes.")
-  trainer = trainer_lib.build(config, mesh, total_train_steps(config.train, info.num_train))
+  recipe = optim.derive_recipe(config.train, info.num_train)
+  trainer = trainer_lib.build(config, mesh, recipe.total_steps, num_train_examples=info.num_train)
   logging.info("Attention: %s (config.model.attention_impl=%r; %s).", trainer.attention.impl,
                trainer.attention.requested, trainer.attention.reason)
-  return Run(trainer=trainer, info=info, ckpt=checkpointing.Checkpointer(workdir, config))
+  return Run(trainer=trainer, info=info, ckpt=checkpointing.Checkpointer(workdir, config),
+             recipe=recipe)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -168,19 +161,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
   run_info.update(
       name=config.name or f"{config.model.arch}", arch=config.model.arch,
       protocol=config.protocol, params=num_params, seed=config.train.seed,
-      batch_size=config.train.batch_size, total_steps=total_steps,
+      batch_size=config.train.batch_size,
       num_train=info.num_train, num_eval=info.num_eval,
-      steps_per_epoch=info.num_train / config.train.batch_size,
+      **run.recipe.as_dict(),
       attention=run.trainer.attention.as_dict(),
       config=json.loads(config.to_json_best_effort()))
   run_info.setdefault("train_seconds", 0.0)
   if start_step == 0:
     writer.write_hparams(_flat_hparams(config))
     parameter_overview.log_parameter_overview(state.params)
-  logging.info("%s: %d parameters, %d steps of global batch %d (%.1f epochs of %d), "
-               "%d device(s).", run_info["name"], num_params, total_steps,
-               config.train.batch_size, total_steps * config.train.batch_size / info.num_train,
-               info.num_train, jax.device_count())
+  recipe = run.recipe
+  logging.info("%s: %d parameters, %d steps of global batch %d (%.2f epochs of %d), "
+               "warmup %d steps (%.2f epochs), peak learning rate %.4g%s, %d device(s).",
+               run_info["name"], num_params, recipe.total_steps, config.train.batch_size,
+               recipe.epochs, info.num_train, recipe.warmup_steps, recipe.warmup_epochs,
+               recipe.peak_learning_rate,
+               (f" (train.learning_rate {config.train.learning_rate:.4g} at batch "
+                f"{config.train.lr_reference_batch}, scaled linearly)"
+                if config.train.lr_reference_batch else ""),
+               jax.device_count())
 
   hooks = [periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=writer, every_steps=config.train.log_every,

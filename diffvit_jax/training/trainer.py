@@ -26,15 +26,20 @@ class Trainer:
   eval_step: Any  # jitted (state, batch) -> EvalMetrics
 
 
-def build(config, mesh: Mesh, total_steps: int) -> Trainer:
-  """Resolves the attention path (a ConfigError if it cannot run here), inits, jits."""
+def build(config, mesh: Mesh, total_steps: int, *,
+          num_train_examples: int | None = None) -> Trainer:
+  """Resolves the attention path (a ConfigError if it cannot run here), inits, jits.
+
+  `num_train_examples` (the training set's size) turns `train.warmup_epochs` into steps.
+  """
   attention = attention_impl.resolve(config.model)
   model = models.build_model(config.model, attention)
-  tx = optim.create_optimizer(config.train, total_steps)
+  tx = optim.create_optimizer(config.train, total_steps, num_train_examples=num_train_examples)
   replicated = NamedSharding(mesh, PartitionSpec())
   state = jax.jit(
       lambda rng: steps.create_train_state(rng, model, config.data.image_size, tx),
       out_shardings=replicated)(jax.random.PRNGKey(config.train.seed))
-  train_step, eval_step = steps.jit_steps(config, mesh, total_steps)
+  train_step, eval_step = steps.jit_steps(config, mesh, total_steps,
+                                          num_train_examples=num_train_examples)
   return Trainer(mesh=mesh, attention=attention, model=model, total_steps=total_steps,
                  state=state, train_step=train_step, eval_step=eval_step)
