@@ -65,6 +65,12 @@ def _check_choice(config, names, severities) -> tuple[list[str], list[int]]:
   available = available_corruptions(config.data)
   names = list(names) or list(available)
   unknown = [n for n in names if n not in available]
+  if unknown and config.data.source != "tiny_imagenet_c":
+    from diffvit_jax.data import corruptions
+
+    for name in unknown:
+      if name in corruptions.PUBLISHED_ONLY:  # Says why (frost) and where to find it.
+        corruptions.check(name, 1, "--corruptions")
   if unknown:
     raise ConfigError(f"--corruptions: {', '.join(unknown)} not available for data.source="
                       f"{config.data.source!r}; choose from {', '.join(available)}.")

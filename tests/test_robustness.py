@@ -166,6 +166,8 @@ def test_user_errors(evaluated_pair, tmp_path):
     robustness.evaluate_corrupted(digits_config("vit", 0), vit, baseline_workdir=str(tmp_path))
   with pytest.raises(ConfigError, match="not available"):
     robustness.evaluate_corrupted(digits_config("vit", 0), vit, corruptions=["fog_of_war"])
+  with pytest.raises(ConfigError, match="--corruptions: 'frost' cannot be generated"):
+    robustness.evaluate_corrupted(digits_config("vit", 0), vit, corruptions=["frost"])
   with pytest.raises(ConfigError, match="severities"):
     robustness.evaluate_corrupted(digits_config("vit", 0), vit, severities=["6"])
   with pytest.raises(CheckpointError, match="model.arch"):

@@ -442,14 +442,18 @@ CORRUPTIONS = {
 
 
 def check(name: str, severity: int, field: str = "data.eval_corruption") -> None:
-  """Raises ConfigError unless `name` is a corruption this code generates and severity is 1..5."""
+  """Raises ConfigError unless `name` is a corruption this code generates and severity is 1..5.
+
+  `field` names the setting in the message: a config field, or a flag ('--corruptions').
+  """
+  where = field if field.startswith("--") else f"config.{field}"
   if name in PUBLISHED_ONLY:
     raise ConfigError(
-        f"config.{field}: {name!r} cannot be generated: the generator blends in its own frost "
+        f"{where}: {name!r} cannot be generated: the generator blends in its own frost "
         "photographs, which this package does not include. Evaluate on the published "
         "Tiny-ImageNet-C folders instead (config.data.source='tiny_imagenet_c').")
   if name not in CORRUPTIONS:
-    raise ConfigError(f"config.{field}: {name!r} is not a corruption this code can generate; "
+    raise ConfigError(f"{where}: {name!r} is not a corruption this code can generate; "
                       f"choose one of {', '.join(CORRUPTIONS)}.")
   if severity not in SEVERITIES:
     raise ConfigError(f"config.{field.replace('corruption', 'severity')}: severity must be "
