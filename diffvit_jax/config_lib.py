@@ -73,6 +73,9 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
   # from <manual_dir>/Tiny-ImageNet-C/<corruption>/<severity>/ when source='tiny_imagenet_c'.
   d.eval_corruption = ""
   d.eval_severity = 0
+  # Generated corruptions end with the generator's quality-85 JPEG save, as every
+  # published Tiny-ImageNet-C file did; False gives the corruption alone.
+  d.corruption_jpeg = True
   d.on_bad_image = "skip"  # image_folder: 'skip' (count and warn) | 'error'
   d.num_workers = 0  # grain worker processes (0 = in-process)
   # Threads per process (main or worker), each assembling a whole batch; PIL and

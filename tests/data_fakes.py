@@ -105,11 +105,12 @@ def write_tiny_imagenet(manual_dir: os.PathLike, zipped: bool, **kwargs) -> path
 
 
 def write_tiny_imagenet_c(manual_dir: os.PathLike, corruption: str, severity: int,
-                          per_class: int = 2, seed: int = 0) -> pathlib.Path:
-  """`<manual_dir>/Tiny-ImageNet-C/<corruption>/<severity>/<wnid>/*.JPEG`."""
+                          per_class: int = 2, seed: int = 0,
+                          wnids: tuple[str, ...] = FAKE_WNIDS) -> pathlib.Path:
+  """`<manual_dir>/Tiny-ImageNet-C/<corruption>/<severity>/<wnid>/*.JPEG`, one folder per wnid."""
   rng = np.random.default_rng(seed)
   root = pathlib.Path(manual_dir) / "Tiny-ImageNet-C" / corruption / str(severity)
-  for wnid in FAKE_WNIDS:
+  for wnid in wnids:
     (root / wnid).mkdir(parents=True, exist_ok=True)
     for i in range(per_class):
       (root / wnid / f"val_{i}.JPEG").write_bytes(_jpeg_bytes(natural_image(rng), False))

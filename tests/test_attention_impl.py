@@ -1,4 +1,4 @@
-"""`config.model.attention_impl`: the resolution rules, and clear errors for paths that cannot run."""
+"""`config.model.attention_impl`: the resolution rules, and clear errors for impossible paths."""
 
 import pytest
 

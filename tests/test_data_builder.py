@@ -152,6 +152,17 @@ def test_published_tiny_imagenet_c(zip_build, tmp_path):
   assert int(next(iter(clean))["mask"].sum()) == 8
 
 
+def test_published_folders_must_hold_the_tiny_imagenet_wnids(zip_build, tmp_path):
+  assert sources.tiny_imagenet_wnids(_data(zip_build)) == sorted(data_fakes.FAKE_WNIDS)
+  # As many class folders as Tiny ImageNet has classes, but one is not a Tiny ImageNet class.
+  wrong = (*data_fakes.FAKE_WNIDS[:3], "n99999999")
+  data_fakes.write_tiny_imagenet_c(tmp_path, "snow", 2, per_class=1, wnids=wrong)
+  data = _data(zip_build, source="tiny_imagenet_c", manual_dir=str(tmp_path))
+  with pytest.raises(DataError, match=rf"1 missing \({data_fakes.FAKE_WNIDS[3]}\), 1 not "
+                                      r"Tiny ImageNet classes \(n99999999\)"):
+    input_pipeline.create_eval_iterator(data, global_batch_size=3, corruption="snow", severity=2)
+
+
 def test_build_cli_reports_user_errors(tmp_path, capsys):
   from diffvit_jax.data import prepare
 
@@ -161,3 +172,17 @@ def test_build_cli_reports_user_errors(tmp_path, capsys):
                      "--manual_dir", str(tmp_path / "manual")])
   assert code != 0
   assert "error:" in capsys.readouterr().err
+
+
+def test_wnids_of_a_build_that_did_not_record_them(zip_build, tmp_path):
+  import shutil
+
+  old_build = tmp_path / "data"
+  shutil.copytree(zip_build, old_build)
+  for metadata in old_build.glob("tiny_imagenet/*/metadata.json"):
+    metadata.unlink()
+  with pytest.raises(DataError, match="predates"):
+    sources.tiny_imagenet_wnids(_data(str(old_build), manual_dir=str(tmp_path / "none")))
+  data_fakes.write_tiny_imagenet(tmp_path / "manual", zipped=True)
+  wnids = sources.tiny_imagenet_wnids(_data(str(old_build), manual_dir=str(tmp_path / "manual")))
+  assert wnids == sorted(data_fakes.FAKE_WNIDS)

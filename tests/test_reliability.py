@@ -160,7 +160,7 @@ BAD_CONFIGS = [
     (["--config.model.num_heads=1"], "model.num_heads"),
     (["--config.model.arch=transformer"], "model.arch"),
     (["--config.data.source=imagenet"], "data.source"),
-    (["--config.data.train_corruption=fog", "--config.data.train_severity=3"],
+    (["--config.data.train_corruption=frost", "--config.data.train_severity=3"],
      "data.train_corruption"),
     (["--config.train.steps=0", "--config.train.num_epochs=0"], "train.steps"),
     (["--config.train.learning_rate=0"], "train.learning_rate"),

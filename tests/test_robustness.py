@@ -46,7 +46,20 @@ def test_cli_writes_every_corruption_and_severity(runs_root, tmp_path):
       assert all(0.0 <= metrics[k] <= 1.0 for k in ("top1", "top5"))
       assert metrics["top1"] <= metrics["top5"]
       cells.append(metrics["top1"])
-  assert result["mean_corruption_error"] == pytest.approx(1 - np.mean(cells))
+  # The benchmark's mean leaves out the extras and is partial: frost cannot be generated.
+  benchmark = [result["corrupted"][c][s]["top1"] for c in corruptions.BENCHMARK_CORRUPTIONS
+               if c in result["corrupted"] for s in "12345"]
+  assert len(benchmark) == 14 * 5 and len(cells) == 16 * 5
+  assert result["mean_corruption_error"] == pytest.approx(1 - np.mean(benchmark))
+  extras = [result["corrupted"][c][s]["top1"] for c in corruptions.EXTRA_CORRUPTIONS
+            for s in "12345"]
+  assert result["extras_mean_corruption_error"] == pytest.approx(1 - np.mean(extras))
+  coverage = result["coverage"]
+  assert coverage["status"] == "partial" and not coverage["comparable_with_papers"]
+  assert coverage["missing"] == [f"frost/{s}" for s in range(1, 6)]
+  assert coverage["extras"] == sorted(corruptions.EXTRA_CORRUPTIONS)
+  assert "published Tiny-ImageNet-C" in coverage["note"]
+  assert summary["coverage"] == "partial" and summary["missing"] == coverage["missing"]
   # The clean accuracy is the trainer's final evaluation of the same checkpoint.
   with open(os.path.join(workdir, "run_info.json")) as f:
     assert result["clean"]["top1"] == pytest.approx(json.load(f)["final_eval"]["top1"],
@@ -88,6 +101,42 @@ def test_ce_and_mce_are_relative_to_the_baseline(evaluated_pair):
   assert mine["relative"]["mce"] == pytest.approx(np.mean(list(ce.values())))
   assert summary["mce"] == pytest.approx(mine["relative"]["mce"])
   assert mine["relative"]["baseline_workdir"] == vit
+  assert mine["relative"]["mce_status"] == "partial"
+  assert len(mine["relative"]["mce_missing"]) == 15 * 5 - 2 * 2
+
+
+def _cells(top1_of):
+  return {c: {str(s): {"top1": top1_of(c, s), "top5": 1.0, "loss": 0.0} for s in range(1, 6)}
+          for c in (*corruptions.BENCHMARK_CORRUPTIONS, *corruptions.EXTRA_CORRUPTIONS)}
+
+
+def test_mce_is_over_the_benchmark_and_extras_are_apart():
+  data = dict(source="tiny_imagenet_c", eval_split="validation", num_eval=10)
+  benchmark = corruptions.BENCHMARK_CORRUPTIONS
+  mine = robustness.summarise(dict(data=data, corrupted=_cells(
+      lambda c, s: 0.5 if c in benchmark else 0.9)))
+  base = robustness.summarise(dict(data=data, corrupted=_cells(lambda c, s: 0.75)))
+  assert mine["mean_corruption_error"] == pytest.approx(0.5)
+  assert mine["extras_mean_corruption_error"] == pytest.approx(0.1)
+  assert mine["coverage"]["status"] == "full" and mine["coverage"]["comparable_with_papers"]
+  relative = robustness.relative_to(mine, base, "base_run")
+  assert sorted(relative["ce"]) == sorted(benchmark)
+  assert relative["mce"] == pytest.approx(0.5 / 0.25)  # The extras' CE of 0.4 stays out.
+  assert relative["extras_ce"] == pytest.approx({c: 0.1 / 0.25
+                                                 for c in corruptions.EXTRA_CORRUPTIONS})
+  assert relative["mce_status"] == "full" and relative["mce_missing"] == []
+
+  # One cell short: still computed over what there is, but labelled partial.
+  del mine["corrupted"]["fog"]["3"]
+  robustness.summarise(mine)
+  assert mine["coverage"]["status"] == "partial" and mine["coverage"]["missing"] == ["fog/3"]
+  assert not mine["coverage"]["comparable_with_papers"]
+  assert robustness.relative_to(mine, base, "base_run")["mce_status"] == "partial"
+  # Generated corruptions are never comparable with papers, even if complete.
+  generated = robustness.summarise(dict(data={**data, "source": "tiny_imagenet"},
+                                        corrupted=_cells(lambda c, s: 0.5)))
+  assert generated["coverage"]["status"] == "full"
+  assert not generated["coverage"]["comparable_with_papers"]
 
 
 def test_corruption_error_formulas():
@@ -118,6 +167,8 @@ def test_user_errors(evaluated_pair, tmp_path):
     robustness.evaluate_corrupted(digits_config("vit", 0), vit, baseline_workdir=str(tmp_path))
   with pytest.raises(ConfigError, match="not available"):
     robustness.evaluate_corrupted(digits_config("vit", 0), vit, corruptions=["fog_of_war"])
+  with pytest.raises(ConfigError, match="--corruptions: 'frost' cannot be generated"):
+    robustness.evaluate_corrupted(digits_config("vit", 0), vit, corruptions=["frost"])
   with pytest.raises(ConfigError, match="severities"):
     robustness.evaluate_corrupted(digits_config("vit", 0), vit, severities=["6"])
   with pytest.raises(CheckpointError, match="model.arch"):
@@ -139,3 +190,4 @@ def test_report_includes_robustness(evaluated_pair, tmp_path):
   with open(os.path.join(out, "report.md")) as f:
     text = f.read()
   assert "## Robustness" in text and "mCE" in text and "(vit_digits)" in text
+  assert "partial (vit_digits)" in text  # 2 corruptions x 2 severities of the 15 x 5

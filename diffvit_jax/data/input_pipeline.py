@@ -76,7 +76,8 @@ def create_eval_iterator(data, *, global_batch_size: int, process_index: int = 0
     source = sources.get_source(data, data.eval_split)
   shard = PaddedShard(source, process_index, process_count, host_batch)
   ds = grain.MapDataset.source(shard).map(
-      preprocess.EvalPreprocess(data.image_size, corruption, severity))
+      preprocess.EvalPreprocess(data.image_size, corruption, severity,
+                                bool(data.get("corruption_jpeg", True))))
   # Clean evaluation is cheap (decode + resize, ~1 s per 10k images): starting
   # worker processes for every evaluation would cost more than it saves.
   num_workers = data.num_workers if corruption else 0

@@ -26,6 +26,7 @@ class TrainPreprocess(grain.transforms.RandomMap):
   randaugment: augment.RandAugment | None = None
   corruption: str = ""
   severity: int = 0
+  corruption_jpeg: bool = True
 
   @classmethod
   def from_config(cls, data) -> "TrainPreprocess":
@@ -41,13 +42,15 @@ class TrainPreprocess(grain.transforms.RandomMap):
                randaugment=augment.parse_randaugment(
                    data.randaugment, fill=augment.fill_from_mean(data.mean),
                    interpolation=data.randaugment_interpolation),
-               corruption=data.train_corruption, severity=data.train_severity)
+               corruption=data.train_corruption, severity=data.train_severity,
+               corruption_jpeg=bool(data.corruption_jpeg))
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     image = element["image"]
     if self.corruption:
       # At the data set's own resolution, where the Tiny-ImageNet-C constants apply.
-      image = corruptions.apply(image, self.corruption, self.severity, rng)
+      image = corruptions.apply(image, self.corruption, self.severity, rng,
+                                save_jpeg=self.corruption_jpeg)
     if self.crop == "random_resized":
       image = augment.random_resized_crop(image, self.image_size, rng,
                                           scale=(self.crop_scale_min, 1.0))
@@ -72,6 +75,7 @@ class EvalPreprocess(grain.transforms.Map):
   image_size: int
   corruption: str = ""
   severity: int = 0
+  corruption_jpeg: bool = True  # The generator's final quality-85 JPEG save.
 
   def map(self, element: dict) -> dict:
     if element["image"] is None:
@@ -80,7 +84,8 @@ class EvalPreprocess(grain.transforms.Map):
       image = element["image"]
       if self.corruption:
         rng = corruptions.example_rng(self.corruption, self.severity, element["index"])
-        image = corruptions.apply(image, self.corruption, self.severity, rng)
+        image = corruptions.apply(image, self.corruption, self.severity, rng,
+                                  save_jpeg=self.corruption_jpeg)
       image = augment.resize(image, self.image_size)
     return {"image": np.ascontiguousarray(image), "label": np.int32(element["label"]),
             "mask": np.float32(element["mask"])}

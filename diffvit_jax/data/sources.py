@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import pathlib
+import zipfile
 
 from diffvit_jax.data import digits, image_folder, images
 from diffvit_jax.errors import ConfigError, DataError
@@ -83,13 +84,53 @@ def get_published_corrupted_source(data, corruption: str, severity: int):
         "or set data.source='tiny_imagenet' to generate the corruption instead.")
   wnids = image_folder.class_folders(split_dir)
   class_names = get_source(data, data.eval_split).class_names
-  if len(wnids) != len(class_names):
-    raise DataError(f"{split_dir} has {len(wnids)} class folders, Tiny ImageNet has "
-                    f"{len(class_names)}: this is not a complete Tiny-ImageNet-C folder.")
+  expected = tiny_imagenet_wnids(data)
+  missing = sorted(set(expected) - set(wnids))
+  unexpected = sorted(set(wnids) - set(expected))
+  if missing or unexpected:
+    raise DataError(
+        f"The class folders of {split_dir} are not Tiny ImageNet's {len(expected)} wnids "
+        f"(wnids.txt): {len(missing)} missing ({_some(missing)}), {len(unexpected)} not "
+        f"Tiny ImageNet classes ({_some(unexpected)}). This is not a complete Tiny-ImageNet-C "
+        f"folder; download Tiny-ImageNet-C from {TINY_IMAGENET_C_URL} again.")
   # Labels are sorted-wnid indices, as in the TFDS build.
   source = image_folder.load(split_dir.parent, split_dir.name, wnids, on_bad_image="error")
   source.class_names = class_names
   return source
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+  return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "") if names else "none"
+
+
+def tiny_imagenet_wnids(data) -> list[str]:
+  """Tiny ImageNet's class wnids (its wnids.txt), sorted: from the build, else the archive."""
+  builder_dir = pathlib.Path(tiny_imagenet_builder_dir(data))
+  metadata = builder_dir / "metadata.json"
+  if metadata.exists():
+    try:
+      return sorted(json.loads(metadata.read_text())["wnids"])
+    except (ValueError, KeyError) as e:
+      raise DataError(f"{metadata} has no list of wnids ({e}): rebuild Tiny ImageNet with "
+                      "python -m diffvit_jax.data.build tiny_imagenet.") from e
+  # Builds made before the wnids were recorded: the archive they were built from.
+  manual = _manual_dir(data)
+  for candidate in (manual / "tiny-imagenet-200" / "wnids.txt", manual / "wnids.txt"):
+    if candidate.exists():
+      return sorted(line.strip() for line in candidate.read_text().splitlines() if line.strip())
+  archive = manual / "tiny-imagenet-200.zip"
+  if archive.exists():
+    try:
+      with zipfile.ZipFile(archive) as zf:
+        text = zf.read("tiny-imagenet-200/wnids.txt").decode()
+      return sorted(line.strip() for line in text.splitlines() if line.strip())
+    except (zipfile.BadZipFile, KeyError) as e:
+      raise DataError(f"Cannot read tiny-imagenet-200/wnids.txt from {archive} ({e}).") from e
+  raise DataError(
+      f"Checking the Tiny-ImageNet-C folders needs Tiny ImageNet's wnids.txt, which the build "
+      f"in {builder_dir} does not record (it predates that). Rebuild it with python -m "
+      "diffvit_jax.data.build tiny_imagenet, or put tiny-imagenet-200.zip (or its extracted "
+      f"tiny-imagenet-200/ folder) into {manual}.")
 
 
 def get_dataset_info(data) -> DatasetInfo:

@@ -16,9 +16,18 @@ with the trainer's own evaluation (`train.evaluate`). Writes into RUN:
 Errors (E = 1 - top-1):
   mean corruption error = mean over corruptions c and severities s of E_{c,s}
   CE_c = sum_s E_{c,s} / sum_s E_{c,s}(baseline),   mCE = mean_c CE_c
-(ImageNet-C's definitions, with the baseline a run of this project, e.g. the
-ViT of the same size, instead of AlexNet.) The baseline's robustness.json must
-exist (run this mode on it first) and cover the same cells.
+(ImageNet-C's definitions, with the baseline a named run of this project, e.g.
+the ViT of the same size, instead of AlexNet.) The baseline's robustness.json
+must exist (run this mode on it first) and cover the same cells.
+
+Both means are over the benchmark's 15 corruptions only. A result that lacks
+any of their 75 cells (generated corruptions always lack frost, which needs the
+generator's photographs) is labelled "partial" and lists what is missing;
+corruptions outside the 15 (speckle noise, gaussian blur) are reported apart,
+under "extras". Only the published Tiny-ImageNet-C folders
+(data.source='tiny_imagenet_c') give numbers comparable with papers: the
+generator's base images are ImageNet validation crops, not Tiny ImageNet's
+validation images, so generated corruptions compare models of this project only.
 
 Each finished cell is written to robustness.json at once: an interrupted
 evaluation resumes where it stopped when rerun on the same checkpoint.
@@ -56,6 +65,12 @@ def _check_choice(config, names, severities) -> tuple[list[str], list[int]]:
   available = available_corruptions(config.data)
   names = list(names) or list(available)
   unknown = [n for n in names if n not in available]
+  if unknown and config.data.source != "tiny_imagenet_c":
+    from diffvit_jax.data import corruptions
+
+    for name in unknown:
+      if name in corruptions.PUBLISHED_ONLY:  # Says why (frost) and where to find it.
+        corruptions.check(name, 1, "--corruptions")
   if unknown:
     raise ConfigError(f"--corruptions: {', '.join(unknown)} not available for data.source="
                       f"{config.data.source!r}; choose from {', '.join(available)}.")
@@ -71,14 +86,49 @@ def _check_choice(config, names, severities) -> tuple[list[str], list[int]]:
 def _data_identity(config, num_eval: int) -> dict:
   """What must be equal for two results to describe the same images."""
   d = config.data
-  return dict(source=d.source, eval_split=d.eval_split, num_eval=num_eval)
+  identity = dict(source=d.source, eval_split=d.eval_split, num_eval=num_eval)
+  if d.source != "tiny_imagenet_c":  # Generated: with or without the final JPEG save.
+    identity["corruption_jpeg"] = bool(d.get("corruption_jpeg", True))
+  return identity
+
+
+COMPARABILITY_NOTE = (
+    "Only the published Tiny-ImageNet-C folders (data.source='tiny_imagenet_c'), all 15 "
+    "corruptions at all 5 severities, give numbers comparable with papers. Generated "
+    "corruptions follow the published generator but start from Tiny ImageNet's validation "
+    "images, not the generator's ImageNet crops, and cannot include frost: they compare "
+    "models of this project with each other.")
+
+
+def coverage(cells: dict, source: str = "") -> dict:
+  """Whether `cells` hold the whole benchmark: 'full' or 'partial', what is missing, extras."""
+  from diffvit_jax.data import corruptions
+
+  benchmark = corruptions.BENCHMARK_CORRUPTIONS
+  missing = [f"{c}/{s}" for c in benchmark for s in DEFAULT_SEVERITIES
+             if str(s) not in cells.get(c, {})]
+  missing_corruptions = [c for c in benchmark if c not in cells]
+  status = "partial" if missing else "full"
+  return dict(status=status, missing=missing, missing_corruptions=missing_corruptions,
+              extras=sorted(c for c in cells if c not in benchmark),
+              comparable_with_papers=status == "full" and source == "tiny_imagenet_c",
+              note=COMPARABILITY_NOTE)
+
+
+def _split_benchmark(cells: dict) -> tuple[dict, dict]:
+  """(the benchmark's corruptions, the extras) of `cells`."""
+  from diffvit_jax.data import corruptions
+
+  benchmark = {c: v for c, v in cells.items() if c in corruptions.BENCHMARK_CORRUPTIONS}
+  return benchmark, {c: v for c, v in cells.items() if c not in benchmark}
 
 
 # --- The summary numbers (pure functions of the cells) ---------------------------------------
 
 def mean_corruption_error(cells: dict[str, dict[str, dict]]) -> float:
-  """Mean over corruptions and severities of 1 - top-1."""
-  return float(np.mean([1.0 - v["top1"] for c in cells.values() for v in c.values()]))
+  """Mean over corruptions and severities of 1 - top-1 (NaN for no cells)."""
+  errors = [1.0 - v["top1"] for c in cells.values() for v in c.values()]
+  return float(np.mean(errors)) if errors else math.nan
 
 
 def corruption_errors(cells: dict, baseline_cells: dict) -> dict[str, float]:
@@ -92,11 +142,18 @@ def corruption_errors(cells: dict, baseline_cells: dict) -> dict[str, float]:
 
 
 def summarise(result: dict) -> dict:
-  """Adds the derived numbers to a result holding 'clean' and 'corrupted'."""
+  """Adds the derived numbers to a result holding 'clean' and 'corrupted'.
+
+  The mean corruption error is over the benchmark's corruptions; the extras get
+  their own, and `coverage` says whether the benchmark is complete.
+  """
   cells = result["corrupted"]
-  result["mean_corruption_error"] = mean_corruption_error(cells)
+  benchmark, extras = _split_benchmark(cells)
+  result["mean_corruption_error"] = mean_corruption_error(benchmark)
+  result["extras_mean_corruption_error"] = mean_corruption_error(extras)
   result["per_corruption_top1"] = {
       name: float(np.mean([v["top1"] for v in by_sev.values()])) for name, by_sev in cells.items()}
+  result["coverage"] = coverage(cells, result.get("data", {}).get("source", ""))
   return result
 
 
@@ -117,11 +174,16 @@ def relative_to(result: dict, baseline: dict, baseline_workdir: str) -> dict:
                     "on the same validation set.")
   _check_baseline_cells(baseline, baseline_workdir, result["corrupted"],
                         {s for by_sev in result["corrupted"].values() for s in by_sev})
-  ce = corruption_errors(result["corrupted"], baseline["corrupted"])
-  if any(math.isnan(v) for v in ce.values()):
+  benchmark, extras = _split_benchmark(result["corrupted"])
+  ce = corruption_errors(benchmark, baseline["corrupted"])
+  extras_ce = corruption_errors(extras, baseline["corrupted"])
+  if any(math.isnan(v) for v in (*ce.values(), *extras_ce.values())):
     logging.warning("The baseline makes no errors on some corruption: its CE is undefined.")
+  cover = coverage(result["corrupted"], result["data"].get("source", ""))
   return dict(baseline_workdir=baseline_workdir, baseline_name=baseline.get("name", ""),
-              baseline_step=baseline.get("step"), ce=ce, mce=float(np.mean(list(ce.values()))))
+              baseline_step=baseline.get("step"), ce=ce,
+              mce=float(np.mean(list(ce.values()))) if ce else math.nan,
+              mce_status=cover["status"], mce_missing=cover["missing"], extras_ce=extras_ce)
 
 
 # --- Files -------------------------------------------------------------------------------------
@@ -161,6 +223,8 @@ def write_plot(result: dict, path_without_ext: str) -> list[str]:
            f"(mean corruption error {100 * result['mean_corruption_error']:.1f}%")
   if result.get("relative"):
     title += f", mCE {100 * result['relative']['mce']:.1f}%"
+  if result.get("coverage", {}).get("status") == "partial":
+    title += ", partial: not the whole benchmark"
   return plots.save(plots.accuracy_vs_severity(result, title + ")"), path_without_ext)
 
 
@@ -246,8 +310,14 @@ def evaluate_corrupted(config, workdir: str, *, baseline_workdir: str = "",
     _write_json(json_path, result)
     write_csv(result, os.path.join(workdir, RESULTS_CSV))
     write_plot(result, os.path.join(workdir, RESULTS_PLOT))
+  cover = result["coverage"]
+  if cover["status"] == "partial":
+    logging.warning("Partial result: the benchmark's mean corruption error and mCE miss %s.",
+                    ", ".join(cover["missing_corruptions"]) or ", ".join(cover["missing"]))
   summary = dict(step=step, clean_top1=result["clean"]["top1"],
-                 mean_corruption_error=result["mean_corruption_error"], results=json_path)
+                 mean_corruption_error=result["mean_corruption_error"],
+                 coverage=cover["status"], missing=cover["missing"], extras=cover["extras"],
+                 comparable_with_papers=cover["comparable_with_papers"], results=json_path)
   if baseline is not None:
     summary["mce"] = result["relative"]["mce"]
   return summary

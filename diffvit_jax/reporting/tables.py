@@ -102,6 +102,9 @@ def robustness_rows(groups: list[runs_lib.Group]) -> list[dict]:
         [r["clean"]["top1"] for r in results])
     row["mean_corruption_error_mean"], row["mean_corruption_error_std"] = _mean_std(
         [r["mean_corruption_error"] for r in results])
+    # Results older than the coverage field did not check it: not known to be full.
+    row["coverage"] = ("full" if all(r.get("coverage", {}).get("status") == "full"
+                                     for r in results) else "partial")
     relative = [r.get("relative") for r in results]
     if all(relative):
       row["mce_mean"], row["mce_std"] = _mean_std([r["mce"] for r in relative])
@@ -210,6 +213,8 @@ def robustness_markdown(rows: list[dict]) -> str:
   body = []
   for r in rows:
     mce = _pct(r["mce_mean"], r["mce_std"])
+    if r.get("coverage") == "partial":  # Not all 15 corruptions x 5 severities.
+      mce += " partial"
     body.append([runs_lib.ARCH_LABELS.get(r["arch"], r["arch"]), r["size"], r["protocol"],
                  str(r["n_seeds"]), _pct(r["clean_top1_mean"], r["clean_top1_std"]),
                  _pct(r["mean_corruption_error_mean"], r["mean_corruption_error_std"]),

@@ -68,6 +68,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             "file_name": tfds.features.Text(),
         }),
         supervised_keys=("image", "label"),
+        # The class wnids (wnids.txt, sorted), against which the published
+        # Tiny-ImageNet-C folders are checked; saved as metadata.json in the build.
+        metadata=tfds.core.MetadataDict(),
         homepage="http://cs231n.stanford.edu/",
         citation=_CITATION,
     )
@@ -76,6 +79,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     root = _find_extracted_archive(dl_manager)
     wnids = sorted(_read_lines(root / "wnids.txt"))
     self.info.features["label"].names = class_names(wnids, _read_words(root / "words.txt"))
+    self.info.metadata["wnids"] = wnids
     label_of = {wnid: i for i, wnid in enumerate(wnids)}
     return {
         "train": self._generate_examples(_train_files(root / "train", label_of)),
