@@ -35,6 +35,7 @@ SHARED = {
     "data.train_corruption": "", "data.train_severity": 0, "data.eval_corruption": "",
     "data.eval_severity": 0, "data.on_bad_image": "skip", "data.read_threads": 2,
     "data.prefetch": 2, "data.mean": (0.485, 0.456, 0.406), "data.std": (0.229, 0.224, 0.225),
+    "data.randaugment_interpolation": "bicubic", "data.corruption_jpeg": True,
     "train.eval_batch_size": 256, "train.schedule": "cosine", "train.num_epochs": 50.0,
     "train.steps": 0, "train.b1": 0.9, "train.b2": 0.999, "train.mix_prob": 1.0,
     "train.seed": 0, "train.eval_every": 500, "train.checkpoint_every": 500,

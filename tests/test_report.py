@@ -28,7 +28,7 @@ def report_dir(runs_root, tmp_path_factory):
 
 
 def tf_scalars(workdir: str) -> dict[str, dict[int, float]]:
-  """The events read with TensorFlow's own reader (independent of `analysis.events`)."""
+  """The events read with TensorFlow's own reader (independent of `reporting.events`)."""
   import tensorflow as tf
 
   scalars = {}

@@ -5,7 +5,7 @@ r"""Plots and tables from training workdirs.
 
 Reads each run's TensorBoard events (written by CLU), run_info.json and,
 when `--mode eval_corrupted` was run, robustness.json; groups the seeds of each
-config (see `analysis.runs`) and writes into --out:
+config (see `reporting.runs`) and writes into --out:
 
   report.md                    the tables below and the figures, in one page
   results.{md,csv}             per config: params, seeds, best/final top-1/top-5,
