@@ -1,0 +1,42 @@
+"""Command-line parsing for the tools: absl flags, and user errors as one paragraph.
+
+Each tool defines its flags in its own `flags.FlagValues` rather than absl's
+process-wide `flags.FLAGS`: the tools and `main` all have a `--workdir`, and
+with one registry, importing two of them in one process (the tests, a
+notebook) would fail on the duplicate definition. Each parse also starts from
+the defaults, so calling a tool's `main(argv)` twice does not carry flag
+values from the first call into the second.
+"""
+
+import sys
+
+from absl import flags
+
+from diffvit_jax.errors import ConfigError, UserError
+
+HELP_FLAGS = ("-h", "-help", "--help", "--helpfull", "--helpshort")
+
+
+def parse(flag_values: flags.FlagValues, argv: list[str] | None, *, prog: str,
+          usage: str) -> list[str] | None:
+  """Parses `argv` (no program name; None: sys.argv) into `flag_values`.
+
+  Returns the positional arguments, or None after printing the usage when help
+  was asked for. A missing, unknown or invalid flag raises ConfigError.
+  """
+  argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+  if any(a in HELP_FLAGS for a in argv):
+    print(f"{usage.strip()}\n\nflags of {prog}:\n"
+          f"{flag_values.get_help(include_special_flags=False)}")
+    return None
+  flag_values.unparse_flags()
+  try:
+    return flag_values([prog, *argv])[1:]
+  except flags.Error as e:
+    raise ConfigError(f"{prog}: {e} (--help lists the flags).") from None
+
+
+def report(error: UserError) -> int:
+  """Prints a user error as one paragraph on stderr; returns the exit code."""
+  print(f"error: {error}", file=sys.stderr)
+  return error.exit_code
