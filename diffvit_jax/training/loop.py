@@ -23,7 +23,7 @@ from diffvit_jax.errors import ConfigError, DivergenceError, Preempted
 from diffvit_jax.training import checkpointing, steps
 from diffvit_jax.training import trainer as trainer_lib
 
-RUN_INFO = "run_info.json"
+RUN_INFO = checkpointing.RUN_INFO
 
 
 def total_train_steps(train_config, num_train_examples: int) -> int:
@@ -174,6 +174,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       attention=run.trainer.attention.as_dict(),
       config=json.loads(config.to_json_best_effort()))
   run_info.setdefault("train_seconds", 0.0)
+  if is_chief:  # Now, not at the first save: the tools read the run's config from here.
+    _write_run_info(workdir, run_info)
   if start_step == 0:
     writer.write_hparams(_flat_hparams(config))
     parameter_overview.log_parameter_overview(state.params)
