@@ -26,14 +26,24 @@ def parse(flag_values: flags.FlagValues, argv: list[str] | None, *, prog: str,
   """
   argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
   if any(a in HELP_FLAGS for a in argv):
-    print(f"{usage.strip()}\n\nflags of {prog}:\n"
-          f"{flag_values.get_help(include_special_flags=False)}")
+    print(f"{usage.strip()}\n\nflags:\n{flags_help(flag_values)}")
     return None
   flag_values.unparse_flags()
   try:
     return flag_values([prog, *argv])[1:]
   except flags.Error as e:
     raise ConfigError(f"{prog}: {e} (--help lists the flags).") from None
+
+
+def flags_help(flag_values: flags.FlagValues) -> str:
+  """One line per flag: name, help, default (absl's own help groups flags by file path)."""
+  lines = []
+  for name in sorted(flag_values):
+    flag = flag_values[name]
+    spelled = f"--[no]{name}" if flag.boolean else f"--{name}"
+    default = "no default" if flag.default is None else f"default {flag.default_as_str}"
+    lines.append(f"  {spelled}: {flag.help} ({default})")
+  return "\n".join(lines)
 
 
 def report(error: UserError) -> int:
