@@ -13,9 +13,9 @@ matplotlib.use("Agg")  # Files only; never needs a display.
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from diffvit_jax.models.differential import lambda_init  # noqa: E402
 from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
 
+from diffvit_jax.models.differential import lambda_init  # noqa: E402
 from diffvit_jax.reporting import runs as runs_lib  # noqa: E402
 
 ARCH_COLORS = {"vit": "tab:blue", "diffvit": "tab:red", "diffvit2": "tab:green"}
