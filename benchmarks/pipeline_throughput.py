@@ -9,13 +9,22 @@ random resized crop, flip, RandAugment rand-m9-mstd0.5-inc1, normalisation) afte
 that absorbs worker start-up. Numbers are host-side only (no device transfer).
 """
 
-import argparse
 import pathlib
 import sys
 import tempfile
 import time
 
+from absl import app, flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+_WORKERS = flags.DEFINE_list("workers", ["0", "2"], "data.num_workers values to measure.")
+_READ_THREADS = flags.DEFINE_integer("read_threads", 2, "data.read_threads.", lower_bound=1)
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 2000, "Images in the fake build.", lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Batch size.", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Batches before timing starts.", lower_bound=0)
+_BATCHES = flags.DEFINE_integer("batches", 20, "Batches timed.", lower_bound=1)
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "An existing build; default: build a fake.")
 
 
 def build_fake(root: pathlib.Path, num_images: int) -> str:
@@ -51,25 +60,22 @@ def measure(data_dir: str, num_workers: int, batch_size: int, warmup: int, batch
   return batches * batch_size / elapsed
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workers", default="0,2", help="Comma-separated data.num_workers values.")
-  parser.add_argument("--read_threads", type=int, default=2)
-  parser.add_argument("--num_images", type=int, default=2000)
-  parser.add_argument("--batch_size", type=int, default=128)
-  parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--batches", type=int, default=20)
-  parser.add_argument("--data_dir", default="", help="An existing build; default: build a fake.")
-  args = parser.parse_args()
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    workers_list = [int(w) for w in _WORKERS.value]
+  except ValueError:
+    raise app.UsageError(f"--workers must be integers, got {','.join(_WORKERS.value)}.") from None
   sys.path.insert(0, str(REPO))
   with tempfile.TemporaryDirectory() as tmp:
-    data_dir = args.data_dir or build_fake(pathlib.Path(tmp), args.num_images)
-    for workers in (int(w) for w in args.workers.split(",")):
-      rate = measure(data_dir, workers, args.batch_size, args.warmup, args.batches,
-                     args.read_threads)
-      print(f"num_workers={workers} read_threads={args.read_threads} "
-            f"batch={args.batch_size}: {rate:,.0f} images/s", flush=True)
+    data_dir = _DATA_DIR.value or build_fake(pathlib.Path(tmp), _NUM_IMAGES.value)
+    for workers in workers_list:
+      rate = measure(data_dir, workers, _BATCH_SIZE.value, _WARMUP.value, _BATCHES.value,
+                     _READ_THREADS.value)
+      print(f"num_workers={workers} read_threads={_READ_THREADS.value} "
+            f"batch={_BATCH_SIZE.value}: {rate:,.0f} images/s", flush=True)
 
 
 if __name__ == "__main__":  # Guarded: grain's spawned workers re-import this file.
-  main()
+  app.run(main)

@@ -7,14 +7,15 @@
 Why (measured in benchmarks/RESULTS.md, "Train step on the CPU"):
 
 - Allocator. XLA:CPU allocates one temp buffer per execution for all
-  intermediates (310 MB for the digits step, ~1 GB for a 10m model at batch
-  32) and frees it at the end. glibc serves blocks that large with mmap, so
-  every step page-faults the whole buffer in again: 75k-270k minor faults per
-  step, 0.13-0.5 s of kernel time, a third of the digits step. Telling glibc
-  never to mmap and not to trim (one arena, so that the block is found again
-  whichever thread asks) keeps the buffer mapped across steps: zero faults
-  after the first steps. The cost is that freed memory stays in the process
-  (its peak is kept), which a training process reaches anyway.
+  intermediates (every activation of the step, so large even for the digits
+  model) and frees it at the end. glibc serves blocks that large with mmap, so
+  every step page-faults the whole buffer in again, and the kernel time that
+  costs is a large share of a small model's step (the fault counts and times
+  are in RESULTS.md). Telling glibc never to mmap and not to trim (one arena,
+  so that the block is found again whichever thread asks) keeps the buffer
+  mapped across steps: zero faults after the first steps. The cost is that
+  freed memory stays in the process (its peak is kept), which a training
+  process reaches anyway.
 - Steps in flight (`StepQueue`). JAX dispatches asynchronously; on GPUs
   queued steps cost nothing, but on XLA:CPU each queued execution holds its
   own temp buffer (all of its intermediates) and slows the running one. So on

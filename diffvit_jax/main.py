@@ -3,11 +3,14 @@ r"""Entry point: train or evaluate one model.
   python -m diffvit_jax.main --config configs/tiny_imagenet.py:diffvit_10m --workdir runs/x
   python -m diffvit_jax.main --config configs/digits.py:vit --workdir runs/d \
       --config.train.steps=100
-  python -m diffvit_jax.main --config ... --workdir runs/x --mode eval
+  python -m diffvit_jax.main --workdir runs/x --mode eval
 
-Training resumes from the latest checkpoint in --workdir. Anything the user
-can fix (config, data, checkpoints) ends with one paragraph on stderr and a
-non-zero exit, never a traceback; SIGTERM/SIGINT save a checkpoint first.
+Training resumes from the latest checkpoint in --workdir. The evaluation modes
+read the run's config from --workdir (`checkpointing.load_run_config`); a
+--config given there must describe the same model and data set, and only its
+`data` section is used (e.g. to point data.dir at where the data is now).
+Anything the user can fix (config, data, checkpoints) ends with one paragraph
+on stderr and a non-zero exit, never a traceback; SIGTERM/SIGINT save a checkpoint first.
 """
 
 import os
@@ -28,7 +31,8 @@ from ml_collections import config_flags  # noqa: E402
 from diffvit_jax.errors import Preempted, UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py:vit.",
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py:vit. "
+                                "Required to train; the evaluation modes read the run's.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and logs.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "eval_corrupted"],
@@ -50,10 +54,30 @@ class _LibraryInfoFilter(py_logging.Filter):
     return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
 
 
-def _run(config, workdir: str, mode: str) -> dict:
+def _config_for(mode: str, flag_config, workdir: str):
+  """The config of this command: --config to train, the run's own to evaluate."""
+  from diffvit_jax.errors import ConfigError
+  from diffvit_jax.training import checkpointing
+
+  if mode == "train":
+    if flag_config is None:
+      raise ConfigError("--mode train needs --config, e.g. --config configs/digits.py:vit.")
+    return flag_config
+  if not workdir:
+    raise ConfigError(f"--mode {mode} needs --workdir, the directory of a training run.")
+  config = checkpointing.load_run_config(workdir)
+  if flag_config is not None:
+    checkpointing.check_same_run(flag_config, config, workdir)
+    with config.unlocked():
+      config.data = flag_config.data
+  return config
+
+
+def _run(flag_config, workdir: str, mode: str) -> dict:
   # Imported here so that a bad flag is reported before JAX/TF start up.
   from diffvit_jax import config_lib
 
+  config = _config_for(mode, flag_config, workdir)
   config_lib.validate(config, workdir=workdir, mode=mode)
   from diffvit_jax.training import (
     loop as train,  # Only now pay for importing TensorFlow (CLU's writers).
@@ -91,7 +115,7 @@ def main(argv):
 
 
 def run():
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.mark_flags_as_required(["workdir"])
   try:
     app.run(main)
   except UserError as e:  # Raised while the config file itself was being loaded.

@@ -68,12 +68,16 @@ def test_vit_block_count_by_hand():
 
 
 @pytest.mark.parametrize("protocol", tiny_imagenet.PROTOCOLS)
-def test_diffvit2_extra_params_match_the_trees(protocol):
+def test_diffvit2_extra_params_match_the_closed_form(protocol):
+  # Per layer, diffvit2's query projection is D -> 2D instead of D -> D (D*D weights, plus D
+  # biases with attn_bias) and it adds W_lambda, D -> H pairs without bias.
   for size in SIZES:
-    vit = count("vit", size, protocol)["total"]
-    diffvit2 = count("diffvit2", size, protocol)["total"]
     config = tiny_imagenet.get_config(f"diffvit2_{size},{protocol}")
-    assert diffvit2 - vit == stats.diffvit2_extra_params(config.model)
+    m = config.model
+    per_layer = m.width * m.width + (m.width if m.attn_bias else 0) + m.width * (m.num_heads // 2)
+    assert stats.extra_params_vs_baseline(m, config.data.image_size) == m.depth * per_layer
+    vit = tiny_imagenet.get_config(f"vit_{size},{protocol}")
+    assert stats.extra_params_vs_baseline(vit.model, vit.data.image_size) == 0
 
 
 def test_counts_allocate_nothing(monkeypatch):

@@ -78,8 +78,8 @@ def create_eval_iterator(data, *, global_batch_size: int, process_index: int = 0
   ds = grain.MapDataset.source(shard).map(
       preprocess.EvalPreprocess(data.image_size, corruption, severity,
                                 bool(data.get("corruption_jpeg", True))))
-  # Clean evaluation is cheap (decode + resize, ~1 s per 10k images): starting
-  # worker processes for every evaluation would cost more than it saves.
+  # Clean evaluation is cheap (decode + resize only): starting worker processes
+  # for every evaluation would cost more than it saves.
   num_workers = data.num_workers if corruption else 0
   return _to_iter_dataset(ds.batch(host_batch), data, num_workers)
 
@@ -110,7 +110,7 @@ class PaddedShard:
 
 def _to_iter_dataset(ds: grain.MapDataset, data, num_workers: int) -> grain.IterDataset:
   # Normalised inside the reader threads / workers: done after them, this
-  # memory-bound pass would cost the training loop's own thread ~0.1 ms per image.
+  # memory-bound pass would run on the training loop's own thread.
   ds = ds.map(preprocess.Normalise(tuple(data.mean), tuple(data.std)))
   threads = max(1, data.read_threads)
   # Elements are whole batches: a small buffer keeps memory at a few batches per process.

@@ -9,12 +9,21 @@ Building uses TensorFlow (installed with tensorflow-datasets); reading them
 back does not. Set `config.data.dir` to the same DIR for training.
 """
 
-import argparse
 import sys
 
-from diffvit_jax.errors import UserError
+from absl import flags
+
+from diffvit_jax import cli
+from diffvit_jax.errors import ConfigError, UserError
 
 DATASETS = ("tiny_imagenet",)
+PROG = "python -m diffvit_jax.data.prepare"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("data_dir", None, "TFDS data dir (config.data.dir).", flag_values=FLAGS)
+flags.DEFINE_string("manual_dir", "", "Where tiny-imagenet-200.zip (or its extracted folder) "
+                    "was put by hand.", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "Rebuild even if already built.", flag_values=FLAGS)
+flags.mark_flag_as_required("data_dir", flag_values=FLAGS)
 
 
 def build(name: str, data_dir: str, manual_dir: str = "", overwrite: bool = False) -> str:
@@ -36,19 +45,18 @@ def build(name: str, data_dir: str, manual_dir: str = "", overwrite: bool = Fals
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("name", choices=DATASETS)
-  parser.add_argument("--data_dir", required=True, help="TFDS data dir (config.data.dir).")
-  parser.add_argument("--manual_dir", default="",
-                      help="Where tiny-imagenet-200.zip (or its extracted folder) was put by hand.")
-  parser.add_argument("--overwrite", action="store_true", help="Rebuild even if already built.")
-  args = parser.parse_args(argv)
+  """The command line (argv without the program name); returns the exit code."""
   try:
-    path = build(args.name, args.data_dir, args.manual_dir, args.overwrite)
+    names = cli.parse(FLAGS, argv, prog=PROG, usage=__doc__)
+    if names is None:
+      return 0
+    if len(names) != 1:
+      raise ConfigError(f"{PROG} takes one data set name ({', '.join(DATASETS)}), got "
+                        f"{len(names)}: {' '.join(names) or 'none'}.")
+    path = build(names[0], FLAGS.data_dir, FLAGS.manual_dir, FLAGS.overwrite)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return e.exit_code
-  print(f"Built {args.name} in {path}")
+    return cli.report(e)
+  print(f"Built {names[0]} in {path}")
   return 0
 
 

@@ -19,13 +19,24 @@ Writes into --out (default RUN/attention_maps): attention_<i>.{png,svg} per
 image and attention_summary.{png,svg}.
 """
 
-import argparse
 import os
 import sys
 
 import numpy as np
+from absl import flags
 
-from diffvit_jax.errors import UserError
+from diffvit_jax import cli
+from diffvit_jax.errors import ConfigError, UserError
+
+PROG = "python -m diffvit_jax.evaluation.attention_maps"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "The training run's directory (config and checkpoints are "
+                    "read from it).", flag_values=FLAGS)
+flags.DEFINE_integer("num_images", 4, "Validation images to show.", flag_values=FLAGS)
+flags.DEFINE_string("out", "", "Output directory (default: WORKDIR/attention_maps).",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("best", False, "Use the best checkpoint, not the latest.", flag_values=FLAGS)
+flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 DIFF_CMAP = "RdBu_r"
 ATTN_CMAP = "viridis"
@@ -198,7 +209,7 @@ def write_attention_maps(workdir: str, out_dir: str = "", num_images: int = 4,
 
   from diffvit_jax import models
   from diffvit_jax.data import input_pipeline
-  from diffvit_jax.errors import ConfigError
+  from diffvit_jax.models import registry
   from diffvit_jax.reporting import plots
   from diffvit_jax.training import checkpointing
 
@@ -214,7 +225,7 @@ def write_attention_maps(workdir: str, out_dir: str = "", num_images: int = 4,
   probs = np.asarray(jax.nn.softmax(logits, axis=-1))
   class_names = input_pipeline.get_dataset_info(config.data).class_names
 
-  arch = {"vit": "ViT", "diffvit": "DiffViT", "diffvit2": "DiffViT-v2"}[config.model.arch]
+  arch = registry.label(config.model.arch)
   query = ("class-token attention" if config.model.pool == "cls"
            else "attention averaged over queries")
   shown = unnormalise(images, config.data)
@@ -236,24 +247,17 @@ def write_attention_maps(workdir: str, out_dir: str = "", num_images: int = 4,
   return paths
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(
-      prog="python -m diffvit_jax.evaluation.attention_maps",
-      description="Attention maps per layer and head of a checkpoint on validation images.")
-  parser.add_argument("--workdir", required=True, help="training workdir (with checkpoints/)")
-  parser.add_argument("--num_images", type=int, default=4, help="validation images (default 4)")
-  parser.add_argument("--out", default="", help="output directory (default WORKDIR/attention_maps)")
-  parser.add_argument("--best", action="store_true", help="use the best checkpoint, not the latest")
-  return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-  args = parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+  """The command line (argv without the program name); returns the exit code."""
   try:
-    paths = write_attention_maps(args.workdir, args.out, args.num_images, args.best)
+    extra = cli.parse(FLAGS, argv, prog=PROG, usage=__doc__)
+    if extra is None:
+      return 0
+    if extra:
+      raise ConfigError(f"{PROG} takes no positional arguments, got {' '.join(extra)}.")
+    paths = write_attention_maps(FLAGS.workdir, FLAGS.out, FLAGS.num_images, FLAGS.best)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return e.exit_code
+    return cli.report(e)
   print("\n".join(paths))
   return 0
 

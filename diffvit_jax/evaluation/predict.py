@@ -9,12 +9,21 @@ ImageNet: the words.txt name of its wnid), most probable first; with several
 images each block starts with '== IMAGE'.
 """
 
-import argparse
 import sys
 
 import numpy as np
+from absl import flags
 
+from diffvit_jax import cli
 from diffvit_jax.errors import ConfigError, DataError, UserError
+
+PROG = "python -m diffvit_jax.evaluation.predict"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "The training run's directory (config and checkpoints are "
+                    "read from it).", flag_values=FLAGS)
+flags.DEFINE_integer("top_k", 5, "Classes per image.", flag_values=FLAGS)
+flags.DEFINE_bool("best", False, "Use the best checkpoint, not the latest.", flag_values=FLAGS)
+flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 
 def load_image(path: str, data_config) -> np.ndarray:
@@ -68,28 +77,21 @@ def predict(workdir: str, paths: list[str], *, top_k: int = 5,
   return results
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(
-      prog="python -m diffvit_jax.evaluation.predict",
-      description="Top-k classes (with names and probabilities) of images under a checkpoint.")
-  parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format)")
-  parser.add_argument("--workdir", required=True, help="training workdir (with checkpoints/)")
-  parser.add_argument("--top_k", type=int, default=5, help="classes per image (default 5)")
-  parser.add_argument("--best", action="store_true", help="use the best checkpoint, not the latest")
-  return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-  args = parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+  """The command line (argv without the program name); returns the exit code."""
   try:
-    if args.top_k < 1:
-      raise ConfigError(f"--top_k must be at least 1, got {args.top_k}.")
-    results = predict(args.workdir, args.images, top_k=args.top_k, best=args.best)
+    images = cli.parse(FLAGS, argv, prog=PROG, usage=__doc__)
+    if images is None:
+      return 0
+    if not images:
+      raise ConfigError(f"{PROG}: give at least one IMAGE file to classify.")
+    if FLAGS.top_k < 1:
+      raise ConfigError(f"--top_k must be at least 1, got {FLAGS.top_k}.")
+    results = predict(FLAGS.workdir, images, top_k=FLAGS.top_k, best=FLAGS.best)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return e.exit_code
-  for path, top in zip(args.images, results, strict=True):
-    if len(args.images) > 1:
+    return cli.report(e)
+  for path, top in zip(images, results, strict=True):
+    if len(images) > 1:
       print(f"== {path}")
     for name, prob in top:
       print(f"{prob:.4f}  {name}")

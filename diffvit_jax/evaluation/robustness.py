@@ -1,6 +1,6 @@
 r"""Accuracy under common corruptions: `--mode eval_corrupted`.
 
-  python -m diffvit_jax.main --config CFG --workdir RUN --mode eval_corrupted \
+  python -m diffvit_jax.main --workdir RUN --mode eval_corrupted \
       [--baseline_workdir VIT_RUN] [--severities 1,2,3,4,5] [--corruptions a,b] [--best]
 
 Evaluates the run's latest (or best) checkpoint on the validation set, clean
@@ -231,22 +231,19 @@ def write_plot(result: dict, path_without_ext: str) -> list[str]:
 # --- The evaluation ---------------------------------------------------------------------------
 
 def _restore_state(config, workdir: str, best: bool):
-  """(mesh, eval_step, state with the checkpoint's parameters, step) via the trainer's setup."""
+  """(mesh, info, eval_step, state with the checkpoint's parameters, step) via the trainer."""
   from diffvit_jax.training import loop as train
 
-  params, saved_config, step = checkpointing.load_for_inference(workdir, best=best)
-  mine, theirs = checkpointing.run_identity(config), checkpointing.run_identity(saved_config)
-  diffs = [f"{k}: checkpoint has {theirs.get(k)!r}, --config has {v!r}"
-           for k, v in mine.items() if theirs.get(k) != v]
-  if diffs:
-    raise CheckpointError(f"The checkpoint in {workdir} is of another model or data set "
-                          f"({'; '.join(diffs)}). Pass the --config it was trained with.")
-  mesh, info, _, state, _, eval_step, _ = train.setup(config, workdir)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params, run_config, step = checkpointing.load_for_inference(workdir, best=best)
+  checkpointing.check_same_run(config, run_config, workdir)
+  run = train.setup(config, workdir)
+  trainer = run.trainer
+  replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
   params = jax.device_put(params, replicated)
-  if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(state.params):
+  if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(trainer.state.params):
     raise CheckpointError(f"The parameters in {workdir} do not have this model's structure.")
-  return mesh, info, eval_step, state.replace(params=params), step
+  return (trainer.mesh, run.info, trainer.eval_step, trainer.state.replace(params=params),
+          step)
 
 
 def evaluate_corrupted(config, workdir: str, *, baseline_workdir: str = "",

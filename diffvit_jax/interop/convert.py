@@ -23,7 +23,7 @@ import numpy as np
 
 from diffvit_jax.config_lib import validate_model as validate
 from diffvit_jax.errors import ConfigError
-from diffvit_jax.models import posemb
+from diffvit_jax.models import posemb, registry
 from diffvit_jax.models.build import check_image_size
 
 # timm's Linear / conv weight -> our kernel, and back.
@@ -35,9 +35,10 @@ _TO_TIMM = {"linear": lambda w: w.T, "conv": lambda w: w.transpose(3, 2, 0, 1),
 
 def _check_timm_compatible(model_config) -> None:
   validate(model_config)
-  if model_config.arch == "diffvit2":
-    raise ConfigError("config.model.arch='diffvit2' has no timm equivalent.")
-  if model_config.arch == "diffvit" and model_config.diff_head_norm != "rmsnorm":
+  timm_layer = registry.kind(model_config.arch).timm_attn_layer
+  if timm_layer is None:
+    raise ConfigError(f"config.model.arch={model_config.arch!r} has no timm equivalent.")
+  if timm_layer == "diff" and model_config.diff_head_norm != "rmsnorm":
     raise ConfigError(f"config.model.diff_head_norm={model_config.diff_head_norm!r} has no timm "
                       "equivalent: timm's DiffAttention always has an RmsNorm sub_norm.")
 
@@ -56,13 +57,13 @@ def timm_kwargs(model_config, image_size: int) -> dict[str, Any]:
       img_size=image_size, patch_size=m.patch_size, in_chans=3, num_classes=m.num_classes,
       global_pool="token" if cls else "avg", class_token=cls, fc_norm=False,
       embed_dim=m.width, depth=m.depth,
-      # timm's DiffAttention takes the number of pairs as num_heads.
-      num_heads=m.num_heads if m.arch == "vit" else m.num_heads // 2,
+      # timm's DiffAttention takes the number of pairs as num_heads, as the registry counts.
+      num_heads=registry.attention_heads(m),
       mlp_ratio=mlp_ratio, qkv_bias=bool(m.attn_bias), proj_bias=True,
       pos_embed="learn", no_embed_class=False, norm_layer=m.norm,
       drop_rate=0.0, pos_drop_rate=m.dropout, proj_drop_rate=m.dropout,
       attn_drop_rate=m.attn_dropout, drop_path_rate=m.stoch_depth,
-      attn_layer="attn" if m.arch == "vit" else "diff")
+      attn_layer=registry.kind(m.arch).timm_attn_layer)
 
 
 def _entries(model_config) -> Iterator[tuple[str, tuple[str, ...], str]]:
@@ -89,7 +90,7 @@ def _entries(model_config) -> Iterator[tuple[str, tuple[str, ...], str]]:
     ours, theirs = f"block_{i}", f"blocks.{i}"
     yield from norm(f"{theirs}.norm1", (ours, "norm1"))
     yield from linear(f"{theirs}.attn.proj", (ours, "attn", "out"))
-    if m.arch == "diffvit":
+    if registry.kind(m.arch).timm_attn_layer == "diff":  # timm's DiffAttention's parameters
       for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
         yield f"{theirs}.attn.{name}", (ours, "attn", name), "copy"
       yield f"{theirs}.attn.sub_norm.weight", (ours, "attn", "head_norm", "scale"), "copy"

@@ -1,12 +1,11 @@
 """Dropout (and drop-path) whose masks come from a keyed counter hash instead of threefry.
 
 `flax.linen.Dropout` draws one threefry-2x32 value per element. On the CPU
-that costs ~18 ns per element (48 ms for one [32, 65, 1280] mask; about 0.45 s
-of a 3.3 s train step of the 10m 'seed' model at batch 32, see
-benchmarks/RESULTS.md); `rbg` keys are slower still there. Here each call
+that is a sizeable part of a train step with dropout (`rbg` keys are slower
+still there; the timings are in benchmarks/RESULTS.md). Here each call
 draws only a 64-bit seed from the module's 'dropout' stream (threefry, as
 before) and the mask bits are a keyed integer hash of the element index: a
-handful of fused, vectorised integer ops per element (~1 ms for the same mask).
+handful of fused, vectorised integer ops per element, far cheaper.
 
 The hash is two rounds of the 'lowbias32' finaliser (good avalanche, bias
 ~1e-3 of an ideal hash in its author's tests), keyed by both seed words, so

@@ -61,6 +61,10 @@ ARCHS: dict[str, AttentionKind] = {
 }
 
 
+# The classic ViT: what the other kinds are compared with (extra parameters, CE baselines).
+BASELINE_ARCH = "vit"
+
+
 def kind(arch: str) -> AttentionKind:
   return ARCHS[arch]
 

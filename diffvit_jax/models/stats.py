@@ -75,13 +75,15 @@ def gflops_per_image(model_config, image_size: int) -> float:
   return flops / 1e9
 
 
-def diffvit2_extra_params(model_config) -> int:
-  """Parameters 'diffvit2' adds to the 'vit' of the same config, over all layers.
+def extra_params_vs_baseline(model_config, image_size: int) -> int:
+  """Parameters this attention kind adds to the classic ViT of the same config.
 
-  Per layer: the query projection is D -> 2D instead of D -> D (D*D, plus D
-  biases with attn_bias) and W_lambda is D -> H (H = num_heads // 2, no bias).
+  The difference of the two real trees (the baseline is `registry.BASELINE_ARCH`),
+  so it holds for any registered kind, and is 0 for the baseline itself.
   """
   config_lib.validate_model(model_config)
-  width, pairs = model_config.width, model_config.num_heads // 2
-  per_layer = width * width + (width if model_config.attn_bias else 0) + width * pairs
-  return model_config.depth * per_layer
+  baseline = model_config.copy_and_resolve_references()
+  with baseline.unlocked():
+    baseline.arch = registry.BASELINE_ARCH
+  return (count_params(model_config, image_size)["total"]
+          - count_params(baseline, image_size)["total"])

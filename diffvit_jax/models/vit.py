@@ -91,7 +91,7 @@ class ViT(nn.Module):
   """
 
   num_classes: int
-  arch: str = "vit"
+  arch: str = registry.BASELINE_ARCH
   width: int = 320
   depth: int = 8
   num_heads: int = 10  # of the classic ViT; differential kinds use num_heads // 2 pairs

@@ -5,8 +5,8 @@ r"""Print a model's parameter tree and its size, without allocating it.
 
 Prints clu's parameter overview of the real tree (from `jax.eval_shape`) and,
 as the last line, one JSON object (params, non_embedding_params, arch, tokens,
-gflops_per_image, width, depth, heads; for diffvit2 also extra_params_vs_vit)
-for scripts to parse.
+gflops_per_image, width, depth, heads, attention_heads, extra_params_vs_vit: what
+the attention kind adds to the classic ViT of the same config) for scripts to parse.
 """
 
 import json
@@ -17,7 +17,7 @@ from clu import parameter_overview
 from ml_collections import config_flags
 
 from diffvit_jax.errors import UserError
-from diffvit_jax.models import stats
+from diffvit_jax.models import registry, stats
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (e.g. "
                                           "configs/tiny_imagenet.py:vit_10m).", lock_config=True)
@@ -34,11 +34,9 @@ def describe(config) -> tuple[str, dict]:
       tokens=stats.num_tokens(model, image_size), image_size=image_size,
       gflops_per_image=round(stats.gflops_per_image(model, image_size), 4),
       width=model.width, depth=model.depth, heads=model.num_heads,
-      # Differential kinds pair the classic heads.
-      attention_heads=model.num_heads if model.arch == "vit" else model.num_heads // 2,
-      mlp_dim=model.mlp_dim, patch_size=model.patch_size)
-  if model.arch == "diffvit2":
-    summary["extra_params_vs_vit"] = stats.diffvit2_extra_params(model)
+      attention_heads=registry.attention_heads(model),
+      mlp_dim=model.mlp_dim, patch_size=model.patch_size,
+      extra_params_vs_vit=stats.extra_params_vs_baseline(model, image_size))
   overview = parameter_overview.get_parameter_overview(shapes, include_stats=False)
   return overview, summary
 

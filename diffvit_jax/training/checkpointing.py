@@ -1,5 +1,9 @@
 """Checkpoints: train state, input-iterator state and the run's identity, together.
 
+Also where a run is read back: `load_run_config` rebuilds the config a run
+trained with from its workdir, so the tools that read a run (evaluation,
+predict, attention maps) take `--workdir` alone.
+
 Orbax writes each checkpoint to a temporary directory and renames it when
 complete, so a save killed half-way is never listed and never loaded. The
 model part of the config is stored beside the state; a workdir whose
@@ -18,6 +22,8 @@ from absl import logging
 
 from diffvit_jax.errors import CheckpointError
 
+RUN_INFO = "run_info.json"  # The run's summary, with the config it trained with under 'config'.
+
 # Config fields that change the parameter tree or what the numbers mean.
 IDENTITY_FIELDS = {
     "model": ("arch", "width", "depth", "num_heads", "mlp_dim", "patch_size", "pool", "posemb",
@@ -29,6 +35,90 @@ IDENTITY_FIELDS = {
 def run_identity(config) -> dict[str, Any]:
   return {f"{section}.{name}": config[section][name]
           for section, names in IDENTITY_FIELDS.items() for name in names}
+
+
+def identity_differences(config, run_config) -> list[str]:
+  """'field: run has X, config has Y' for each identity field where `config` differs."""
+  mine, theirs = run_identity(config), run_identity(run_config)
+  return [f"{k}: the run has {theirs.get(k)!r}, the config has {v!r}"
+          for k, v in mine.items() if theirs.get(k) != v]
+
+
+def check_same_run(config, run_config, workdir: str) -> None:
+  """CheckpointError naming the fields where `config` describes another model or data set."""
+  diffs = identity_differences(config, run_config)
+  if diffs:
+    raise CheckpointError(
+        f"The run in {workdir} is of another model or data set than the given config "
+        f"({'; '.join(diffs)}). Tools that read a run take its config from --workdir; a "
+        "config given as well must describe the same model and data.")
+
+
+def _merge_saved(node, saved: dict) -> None:
+  """Writes saved values over the schema's defaults, keeping tuples tuples (JSON has lists)."""
+  import ml_collections
+
+  for key, value in saved.items():
+    default = node.get(key)
+    if isinstance(default, ml_collections.ConfigDict) and isinstance(value, dict):
+      _merge_saved(default, value)
+      continue
+    if isinstance(default, tuple) and isinstance(value, list):
+      value = tuple(value)
+    # A field the schema no longer has is kept as the run had it; a value of another type
+    # than today's default (an int where a float is now expected) is taken as saved.
+    with node.ignore_type():
+      node[key] = value
+
+
+def config_from_saved(saved: dict):
+  """A saved config (JSON object) -> ConfigDict of today's schema, locked like a config file's.
+
+  Fields added to the schema after the run was trained take their defaults,
+  which is what the code did before they existed.
+  """
+  from diffvit_jax import config_lib
+
+  config = config_lib.base_config()
+  _merge_saved(config, saved)
+  config.lock()
+  return config
+
+
+def _latest_checkpoint_config(workdir: str) -> dict | None:
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(directory)
+  step = manager.latest_step()
+  if step is None:
+    return None
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  return meta.get("config")
+
+
+def load_run_config(workdir: str):
+  """The config the run in `workdir` trained with (a locked ConfigDict).
+
+  Read from RUN_INFO, which training writes before its first step; runs from
+  before that was so fall back to the config saved with the latest checkpoint.
+  """
+  saved = None
+  path = os.path.join(workdir, RUN_INFO)
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        saved = json.load(f).get("config")
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e}); it holds the "
+                            "run's config. Restore it, or pass the run's --workdir.") from e
+  if saved is None:
+    saved = _latest_checkpoint_config(workdir)
+  if saved is None:
+    raise CheckpointError(
+        f"{workdir!r} holds no training run: neither {RUN_INFO} nor a checkpoint with the "
+        "run's config. Pass the --workdir a run was trained in.")
+  return config_from_saved(saved)
 
 
 def _abstract(tree):
@@ -154,13 +244,12 @@ class Checkpointer:
 
 
 def load_for_inference(workdir: str, *, best: bool = False):
-  """(params, config dict, step) of a run's latest (or best) checkpoint, no template needed.
+  """(params, config, step) of a run's latest (or best) checkpoint, no template needed.
 
   For the analysis tools (predict, attention maps, corrupted evaluation),
-  which need the parameters and the config but not the optimizer state.
+  which need the parameters and the run's config (`load_run_config`) but not
+  the optimizer state.
   """
-  import ml_collections
-
   sub = "best" if best else "checkpoints"
   directory = os.path.join(os.path.abspath(workdir), sub)
   if not os.path.isdir(directory):
@@ -169,10 +258,6 @@ def load_for_inference(workdir: str, *, best: bool = False):
   step = manager.latest_step()
   if step is None:
     raise CheckpointError(f"No complete checkpoint under {directory}.")
-  latest_meta_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  meta_manager = manager if not best else ocp.CheckpointManager(latest_meta_dir)
-  meta_step = step if not best else meta_manager.latest_step()
-  meta = meta_manager.restore(meta_step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-  config = ml_collections.ConfigDict(meta["meta"]["config"])
+  config = load_run_config(workdir)
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   return restored["state"]["params"], config, step

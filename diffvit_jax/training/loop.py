@@ -23,7 +23,7 @@ from diffvit_jax.training import checkpointing, optim, steps
 from diffvit_jax.training import trainer as trainer_lib
 from diffvit_jax.training.optim import total_train_steps  # noqa: F401  (the loop's API)
 
-RUN_INFO = "run_info.json"
+RUN_INFO = checkpointing.RUN_INFO
 
 
 class PreemptionGuard:
@@ -167,6 +167,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       attention=run.trainer.attention.as_dict(),
       config=json.loads(config.to_json_best_effort()))
   run_info.setdefault("train_seconds", 0.0)
+  if is_chief:  # Now, not at the first save: the tools read the run's config from here.
+    _write_run_info(workdir, run_info)
   if start_step == 0:
     writer.write_hparams(_flat_hparams(config))
     parameter_overview.log_parameter_overview(state.params)
