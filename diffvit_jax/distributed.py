@@ -68,13 +68,25 @@ def initialize(distributed: bool, coordinator_address: str = "",
         "host, and that its port is reachable from all hosts.") from e
 
 
-def any_process(flag: bool) -> bool:
-  """True on every process if `flag` is true on any (a collective: all processes must call it)."""
+def stop_agreed(step: int, signalled: bool) -> bool:
+  """Whether every process stops after `step`: true on all of them, or on none.
+
+  `signalled` is this process's own SIGTERM/SIGINT flag (the training loop's
+  handler); with several processes the flags are gathered (a small collective
+  each step, so every process must call this at every step). A SIGTERM that
+  came before that handler was installed (after `initialize`) was caught by
+  JAX's preemption notifier instead; its sync point is agreed across processes too.
+  """
   import jax
 
   if jax.process_count() == 1:
-    return flag
+    return signalled
   from jax.experimental import multihost_utils
 
-  return bool(multihost_utils.process_allgather(np.int32(flag)).any())
+  if multihost_utils.process_allgather(np.int32(signalled)).any():
+    return True
+  try:
+    return multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:  # No preemption service (e.g. jax_enable_preemption_service off).
+    return False
 

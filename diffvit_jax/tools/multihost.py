@@ -79,10 +79,13 @@ class Job:
 
 
 def start(num_processes: int, main_args: Sequence[str], *, devices_per_process: int = 1,
-          timeout_s: float = 7 * 24 * 3600, kill_after_s: float = 120,
-          log_dir: str | None = None, python: str = sys.executable,
-          env: dict | None = None) -> Job:
-  """Starts the processes and returns at once (tests signal and kill them by PID)."""
+          timeout_s: float = 7 * 24 * 3600, kill_after_s: float = 600,
+          log_dir: str | None = None, chief_to_terminal: bool = True,
+          python: str = sys.executable, env: dict | None = None) -> Job:
+  """Starts the processes and returns at once (tests signal and kill them by PID).
+
+  With `chief_to_terminal=False` process 0's output goes to `<log_dir>/process_0.log` too.
+  """
   if num_processes < 1:
     raise ValueError(f"The number of processes must be >= 1, got {num_processes}.")
   address = f"127.0.0.1:{free_port()}"
@@ -94,7 +97,7 @@ def start(num_processes: int, main_args: Sequence[str], *, devices_per_process: 
       command = ["timeout", "-k", f"{kill_after_s:g}", f"{timeout_s:g}", python, "-m",
                  "diffvit_jax.main", *main_args, f"--coordinator_address={address}",
                  f"--num_processes={num_processes}", f"--process_id={process_id}"]
-      if process_id == 0:
+      if process_id == 0 and chief_to_terminal:
         out, log_path = None, None
       else:
         log_path = os.path.join(log_dir, f"process_{process_id}.log")
@@ -189,8 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--devices_per_process", type=int, default=1)
   parser.add_argument("--timeout", type=float, default=7 * 24 * 3600,
                       help="seconds before each process gets SIGTERM (it then saves and exits)")
-  parser.add_argument("--kill_after", type=float, default=120,
-                      help="seconds after a SIGTERM before SIGKILL")
+  parser.add_argument("--kill_after", type=float, default=600,
+                      help="seconds after a SIGTERM before SIGKILL: enough to finish the step "
+                      "(compiling it, when the signal comes before the first) and save")
   parser.add_argument("--log_dir", default=None,
                       help="where the non-chief processes' output goes (default: --workdir)")
   args, main_args = parser.parse_known_args(argv)

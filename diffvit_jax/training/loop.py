@@ -150,6 +150,13 @@ def setup(config, workdir: str) -> Run:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (resuming from the latest checkpoint in `workdir`) and returns final eval metrics."""
+  # Signals are caught from here on, not only once the loop starts: with several
+  # processes, one killed during set-up would leave the others waiting on it.
+  with PreemptionGuard() as guard:
+    return _train_and_evaluate(config, workdir, guard)
+
+
+def _train_and_evaluate(config, workdir: str, guard: PreemptionGuard) -> dict:
   os.makedirs(workdir, exist_ok=True)
   run = setup(config, workdir)
   info, ckpt, mesh = run.info, run.ckpt, run.trainer.mesh
@@ -226,7 +233,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "config.train.on_nonfinite='skip' to skip such steps.")
 
   in_flight = cpu_runtime.StepQueue(cpu_runtime.max_steps_in_flight())
-  with PreemptionGuard() as guard, metric_writers.ensure_flushes(writer):
+  with metric_writers.ensure_flushes(writer):
     step = start_step
     while step < total_steps:
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -245,7 +252,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       # Every process stops at the same step, whichever of them got the signal and
       # when: the saves and collectives after it must match (a collective per step
       # with several processes; nothing with one).
-      preempted = distributed.any_process(guard.signal_name is not None)
+      preempted = distributed.stop_agreed(step, guard.signal_name is not None)
       if log_now or eval_now or save_now or preempted:
         # The only host synchronisation (but for the CPU's per-step wait, see cpu_runtime.py):
         # nothing unchecked is evaluated or saved.
@@ -281,7 +288,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         run_info["train_seconds"] += time.monotonic() - session_start
         if is_chief:
           _write_run_info(workdir, run_info)
-        received = guard.signal_name or "SIGTERM on another process"
+        received = guard.signal_name or "SIGTERM on this or another process"
         raise Preempted(
             f"Received {received} at step {step}/{total_steps}: saved a checkpoint in "
             f"{workdir}. Rerun the same command to resume from step {step}.",
