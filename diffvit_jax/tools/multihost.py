@@ -64,16 +64,18 @@ class Job:
   procs: list[subprocess.Popen]
   log_paths: list[str | None]
 
-  def signal_all(self, signum: int) -> None:
+  def signal_all(self, signum: int, *, group: bool = False) -> None:
+    """To each `timeout`, which passes it on once (a second SIGINT would mean: stop unsaved);
+    with `group`, to `timeout` and its python child together (by their group id)."""
     for proc in self.procs:
       if proc.poll() is None:
         try:
-          os.killpg(proc.pid, signum)  # `timeout` and its python child, by their group id.
+          (os.killpg if group else os.kill)(proc.pid, signum)
         except ProcessLookupError:
           pass
 
   def kill(self) -> None:
-    self.signal_all(signal.SIGKILL)
+    self.signal_all(signal.SIGKILL, group=True)
     for proc in self.procs:
       proc.wait()
 
