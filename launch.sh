@@ -9,6 +9,10 @@
 #                                          sizes "10m 20m 30m", seeds "0"; one run per GPU when
 #                                          several are visible, else one after another
 #   ./launch.sh report [RUN_DIR...]        plots and tables from runs/ (default: every run)
+#   ./launch.sh multihost N [main.py flags...]
+#                                          N training processes on this machine (CPU devices,
+#                                          coordinator on 127.0.0.1), as a multi-host job runs;
+#                                          see diffvit_jax/tools/multihost.py for its own flags
 #
 # Environment: PYTHON (interpreter for the venv, default python3), EXTRA_ARGS (appended to
 # every training command, e.g. "--config.train.steps=100"), TFDS_DATA_DIR (where Tiny
@@ -129,5 +133,6 @@ case "$cmd" in
   test) run_tests "$@" ;;
   tiny_imagenet) tiny_imagenet "$@" ;;
   report) report "$@" ;;
-  *) sed -n '2,18p' "$0"; exit 2 ;;
+  multihost) setup && "$PY" -m diffvit_jax.tools.multihost "$@" ;;
+  *) sed -n '2,20p' "$0"; exit 2 ;;
 esac

@@ -122,7 +122,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
   t.log_every = 50
   t.on_nonfinite = "stop"  # 'stop' | 'skip' the update
   t.profile = False
-  t.distributed = False  # jax.distributed.initialize() for multi-host
+  # Multi-host: bare jax.distributed.initialize(), which detects SLURM / Open MPI / TPU pods.
+  # Plain hosts give main.py --coordinator_address, --num_processes and --process_id instead.
+  t.distributed = False
   t.update(overrides)
   return t
 

@@ -45,6 +45,12 @@ flags.DEFINE_list("severities", ["1", "2", "3", "4", "5"],
                   "--mode eval_corrupted: the corruption severities to evaluate.")
 flags.DEFINE_list("corruptions", [],
                   "--mode eval_corrupted: the corruptions to evaluate (default: all).")
+flags.DEFINE_string("coordinator_address", "",
+                    "Multi-host on plain hosts: host:port of process 0 (with --num_processes and "
+                    "--process_id). On SLURM give none of the three and set "
+                    "--config.train.distributed=True.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes take part.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's id, 0 .. num_processes-1.")
 
 
 class _LibraryInfoFilter(py_logging.Filter):
@@ -75,18 +81,21 @@ def _config_for(mode: str, flag_config, workdir: str):
 
 def _run(flag_config, workdir: str, mode: str) -> dict:
   # Imported here so that a bad flag is reported before JAX/TF start up.
-  from diffvit_jax import config_lib
+  from diffvit_jax import config_lib, distributed
 
   config = _config_for(mode, flag_config, workdir)
+  # Before anything touches JAX: validation itself counts the (global) devices.
+  distributed.initialize(config.train.distributed, FLAGS.coordinator_address,
+                         FLAGS.num_processes, FLAGS.process_id)
+  import jax
+
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)  # The chief logs the run; the others only problems.
   config_lib.validate(config, workdir=workdir, mode=mode)
   from diffvit_jax.training import (
     loop as train,  # Only now pay for importing TensorFlow (CLU's writers).
   )
 
-  if config.train.distributed:
-    import jax
-
-    jax.distributed.initialize()
   if mode == "train":
     return train.train_and_evaluate(config, workdir)
   if mode == "eval_corrupted":

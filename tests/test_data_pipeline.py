@@ -81,23 +81,32 @@ def test_augmentation_is_seeded(folder):
 
 
 @pytest.mark.parametrize("process_count", [2, 3])
-def test_processes_split_the_global_batches(folder, process_count):
-  """Per step, the hosts' batches are disjoint and together are the 1-process global batch."""
-  data = _data(folder)
+def test_processes_take_contiguous_blocks_of_the_global_batches(folder, process_count):
+  """Host p's batch is rows [p * b, (p + 1) * b) of the 1-process global batch, augmentation
+  included, so every example keeps its global index (and the randomness keyed by it)."""
+  data = _data(folder, crop="random_resized", flip=True)
   steps, global_batch = 7, 6
+  host_batch = global_batch // process_count
   single = _take(input_pipeline.create_train_iterator(data, global_batch_size=global_batch,
                                                       seed=0), steps)
-  hosts = [_take(input_pipeline.create_train_iterator(
+  hosts = [input_pipeline.create_train_iterator(
       data, global_batch_size=global_batch, seed=0, process_index=p,
-      process_count=process_count), steps) for p in range(process_count)]
+      process_count=process_count) for p in range(process_count)]
+  per_host = [_take(h, steps) for h in hosts]
   for step in range(steps):
-    per_host = [sorted(map(tuple, h[step]["image"].reshape(-1, 8 * 8 * 3).round(4)))
-                for h in hosts]
-    assert all(len(b) == global_batch // process_count for b in per_host)
-    union = sorted(sum(per_host, []))
-    assert union == sorted(map(tuple, single[step]["image"].reshape(-1, 8 * 8 * 3).round(4)))
-  ids = [sum((_ids(b) for b in h[:5]), []) for h in hosts]
+    for p in range(process_count):
+      rows = slice(p * host_batch, (p + 1) * host_batch)
+      for key in ("image", "label"):
+        np.testing.assert_array_equal(per_host[p][step][key], single[step][key][rows])
+  ids = [sum((_ids(b) for b in h[:5]), []) for h in per_host]
   assert sorted(sum(ids, [])) == list(range(NUM_TRAIN))  # First epoch: each example once.
+  # The state (the next global batch) is the same on every host and valid for any count.
+  assert len({json.dumps(h.get_state(), sort_keys=True) for h in hosts}) == 1
+  resumed = input_pipeline.create_train_iterator(data, global_batch_size=global_batch, seed=0)
+  resumed.set_state(hosts[0].get_state())
+  expected = _take(hosts[1], 1)[0]
+  np.testing.assert_array_equal(next(resumed)["image"][host_batch:2 * host_batch],
+                                expected["image"])
 
 
 def test_state_restores_the_same_batches(folder):

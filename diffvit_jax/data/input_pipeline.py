@@ -1,8 +1,15 @@
 """The input pipeline the trainer calls: dataset info, train and eval iterators (grain).
 
 Train: global shuffle per epoch (seeded), infinite repeat, per-example
-augmentation seeded by (seed, position in the stream), every process taking
-every process_count-th example of that one stream, batched per host. Each
+augmentation seeded by (seed, position in the stream), cut into global batches
+of which process p takes the contiguous block of rows [p * b, (p + 1) * b)
+(b = global batch / process count). Those rows are exactly where
+`sharding.shard_batch` puts process p's data in the global array, so every
+example sits at the same global index whatever the process count, and so does
+all per-example randomness keyed by that index (hashed dropout and drop-path,
+mixing partners): N processes, N devices of one process and one device train
+the same model. The iterator state (the next global batch) is the same on
+every process and valid for any process count. Each
 batch is assembled whole inside one thread or worker process, so the batches
 are the same whatever `data.num_workers` / `data.read_threads` are. The
 iterator is a `grain.DatasetIterator`: `get_state()` / `set_state()` (or
@@ -48,8 +55,9 @@ def create_train_iterator(data, *, global_batch_size: int, seed: int, process_in
   # Augmentation before the per-process slice: its randomness then follows the
   # global stream position, so no two hosts draw the same crops.
   ds = ds.random_map(transform, seed=augment_seed)
-  ds = ds[process_index::process_count]
-  ds = ds.batch(host_batch, drop_remainder=True)
+  # Blocks of `host_batch` consecutive examples; block g * P + p is process p's
+  # part of global batch g (lazy: a process reads only its own blocks).
+  ds = ds.batch(host_batch, drop_remainder=True)[process_index::process_count]
   return iter(_to_iter_dataset(ds, data, data.num_workers))
 
 

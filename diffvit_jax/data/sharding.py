@@ -22,8 +22,13 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh named 'data' over all devices (of all processes)."""
+  """A 1-D mesh named 'data' over all devices (of all processes), process by process.
+
+  In that order `shard_batch` places process p's host batch at rows
+  [p * b, (p + 1) * b) of the global batch, the block the input pipeline gives it.
+  """
   devices = jax.devices() if devices is None else list(devices)
+  devices = sorted(devices, key=lambda d: (d.process_index, d.id))
   return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
                        devices=devices)
 
@@ -47,6 +52,17 @@ def shard_batch(host_batch: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree_util.tree_map(put, host_batch)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Values equal on every process -> global arrays replicated over the whole mesh."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
+
+  return jax.tree_util.tree_map(put, tree)
 
 
 def prefetch_to_device(iterator: Iterator, mesh: Mesh, size: int = 2) -> "DevicePrefetchIterator":

@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from diffvit_jax import cpu_runtime, models
+from diffvit_jax import cpu_runtime, distributed, models
 from diffvit_jax.data import input_pipeline, sharding
 from diffvit_jax.errors import ConfigError, DivergenceError, Preempted
 from diffvit_jax.training import checkpointing, optim, steps
@@ -65,6 +65,13 @@ def evaluate(eval_step, state, config, mesh, *, corruption: str | None = None,
   `corruption=None` evaluates what the config says (`data.eval_corruption`,
   clean by default); '' forces the clean split.
   """
+  return _evaluate_counted(eval_step, state, config, mesh, corruption=corruption,
+                           severity=severity)[0]
+
+
+def _evaluate_counted(eval_step, state, config, mesh, *, corruption: str | None = None,
+                      severity: int | None = None):
+  """(`evaluate`'s metrics, the number of real examples they average over, all processes)."""
   collected = None
   for host_batch in input_pipeline.create_eval_iterator(
       config.data, global_batch_size=config.train.eval_batch_size,
@@ -72,7 +79,7 @@ def evaluate(eval_step, state, config, mesh, *, corruption: str | None = None,
       corruption=corruption, severity=severity):
     batch_metrics = eval_step(state, sharding.shard_batch(host_batch, mesh))
     collected = batch_metrics if collected is None else collected.merge(batch_metrics)
-  return {k: float(v) for k, v in collected.compute().items()}
+  return {k: float(v) for k, v in collected.compute().items()}, int(collected.loss.count)
 
 
 def _flat_hparams(config) -> dict:
@@ -136,6 +143,13 @@ def setup(config, workdir: str) -> Run:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (resuming from the latest checkpoint in `workdir`) and returns final eval metrics."""
+  # Signals are caught from here on, not only once the loop starts: with several
+  # processes, one killed during set-up would leave the others waiting on it.
+  with PreemptionGuard() as guard:
+    return _train_and_evaluate(config, workdir, guard)
+
+
+def _train_and_evaluate(config, workdir: str, guard: PreemptionGuard) -> dict:
   os.makedirs(workdir, exist_ok=True)
   run = setup(config, workdir)
   info, ckpt, mesh = run.info, run.ckpt, run.trainer.mesh
@@ -149,7 +163,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   start_step = 0
   # Train metrics are accumulated over a logging window and saved with the
   # checkpoint, so a resumed run logs exactly what an uninterrupted one does.
-  train_metrics = steps.TrainMetrics.empty()
+  # Global (replicated) arrays, as the step's own metrics are: orbax saves
+  # nothing host-local in a multi-process run.
+  def empty_metrics():
+    return sharding.replicate(steps.TrainMetrics.empty(), mesh)
+
+  train_metrics = empty_metrics()
   if ckpt.latest_step() is not None:
     state, iterator_state, train_metrics, start_step = ckpt.restore(state, train_metrics)
     train_iter.set_state(iterator_state)
@@ -215,7 +234,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "config.train.on_nonfinite='skip' to skip such steps.")
 
   in_flight = cpu_runtime.StepQueue(cpu_runtime.max_steps_in_flight())
-  with PreemptionGuard() as guard, metric_writers.ensure_flushes(writer):
+  with metric_writers.ensure_flushes(writer):
     step = start_step
     while step < total_steps:
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -231,7 +250,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
       log_now = step % config.train.log_every == 0 or is_last
       eval_now = step % config.train.eval_every == 0 or is_last
       save_now = step % config.train.checkpoint_every == 0 or is_last
-      preempted = guard.signal_name is not None
+      # Every process stops at the same step, whichever of them got the signal and
+      # when: the saves and collectives after it must match (a collective per step
+      # with several processes; nothing with one).
+      preempted = distributed.stop_agreed(step, guard.signal_name is not None)
       if log_now or eval_now or save_now or preempted:
         # The only host synchronisation (but for the CPU's per-step wait, see cpu_runtime.py):
         # nothing unchecked is evaluated or saved.
@@ -248,15 +270,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
           scalars.update({f"lambda/layer_{i + 1}": float(v) for i, v in enumerate(lambdas)})
         writer.write_scalars(step, scalars)
         run_info["images_per_sec"] = scalars["train/images_per_sec"]
-        train_metrics, window_start = steps.TrainMetrics.empty(), time.monotonic()
+        train_metrics, window_start = empty_metrics(), time.monotonic()
 
       if eval_now:
-        eval_metrics = evaluate(eval_step, state, config, mesh)
+        eval_metrics, eval_examples = _evaluate_counted(eval_step, state, config, mesh)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
         if eval_metrics["top1"] > best_top1:
           best_top1 = eval_metrics["top1"]
           ckpt.save_best(step, state, eval_metrics)
-        run_info.update(best_top1=best_top1, final_eval=eval_metrics, eval_step=step)
+        run_info.update(best_top1=best_top1, final_eval=eval_metrics, eval_step=step,
+                        eval_examples=eval_examples)
         window_start = time.monotonic()  # Evaluation time is not training throughput.
 
       if save_now or preempted:
@@ -266,9 +289,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         run_info["train_seconds"] += time.monotonic() - session_start
         if is_chief:
           _write_run_info(workdir, run_info)
+        received = guard.signal_name or "SIGTERM on this or another process"
         raise Preempted(
-            f"Received {guard.signal_name} at step {step}/{total_steps}: saved a checkpoint in "
-            f"{workdir}. Rerun the same command to resume from step {step}.", guard.exit_code)
+            f"Received {received} at step {step}/{total_steps}: saved a checkpoint in "
+            f"{workdir}. Rerun the same command to resume from step {step}.",
+            guard.exit_code if guard.signal_name else 128 + signal.SIGTERM.value)
 
   ckpt.wait()
   ckpt.close()
@@ -290,7 +315,8 @@ def evaluate_checkpoint(config, workdir: str, *, best: bool = False) -> dict:
   if best:
     state, step = ckpt.restore_best(state)
   else:
-    state, _, _, step = ckpt.restore(state, steps.TrainMetrics.empty())
+    state, _, _, step = ckpt.restore(state, sharding.replicate(steps.TrainMetrics.empty(),
+                                                               mesh))
   metrics = evaluate(eval_step, state, config, mesh)
   metrics["step"] = step
   return metrics
