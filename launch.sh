@@ -9,6 +9,9 @@
 #                                          sizes "10m 20m 30m", seeds "0"; one run per GPU when
 #                                          several are visible, else one after another
 #   ./launch.sh report [RUN_DIR...]        plots and tables from runs/ (default: every run)
+#   ./launch.sh gpu_check [--dry_run] [--out DIR]
+#                                          what only a GPU can tell (<10 min on one H100/H200):
+#                                          -> benchmarks/gpu_check.{json,md}; --dry_run: CPU, tiny
 #
 # Environment: PYTHON (interpreter for the venv, default python3), EXTRA_ARGS (appended to
 # every training command, e.g. "--config.train.steps=100"), TFDS_DATA_DIR (where Tiny
@@ -121,6 +124,11 @@ report() {
   "$PY" -m diffvit_jax.reporting.report "$@" --out reports
 }
 
+gpu_check() {
+  setup
+  "$PY" -m diffvit_jax.tools.gpu_check "$@"
+}
+
 cmd="${1:-}"
 shift || true
 case "$cmd" in
@@ -129,5 +137,6 @@ case "$cmd" in
   test) run_tests "$@" ;;
   tiny_imagenet) tiny_imagenet "$@" ;;
   report) report "$@" ;;
-  *) sed -n '2,18p' "$0"; exit 2 ;;
+  gpu_check) gpu_check "$@" ;;
+  *) sed -n '2,21p' "$0"; exit 2 ;;
 esac
