@@ -110,7 +110,8 @@ def test_markdown_lists_every_goal(dry_run):
   by_goal = {g["goal"]: g for g in report["goals"]}
   assert by_goal["six-run v2 sweep"]["status"] in ("met", "missed")
   assert by_goal["vit_10m,v2 bf16 MFU"]["status"] == "n/a"
-  assert "dry run" in markdown
+  assert "dry run" in markdown and "## DiffViT 10m v2: xla against einsum" in markdown
+  assert "Traceback" not in stderr  # a failed section prints one; none may fail here
   assert stderr.count("[gpu_check] step ") >= len(gpu_check.STEP_CONFIGS)  # one line each
 
 

@@ -583,7 +583,7 @@ def run_check(plan: Plan, selected: tuple[str, ...], budget_s: float) -> dict:
   with section(report, "diffvit_forms", selected) as entry:
     if entry is not None:
       baseline = "xla" if candidate == "cudnn" else "einsum"
-      entry.update(candidate=candidate, baseline=baseline, note=candidate_note)
+      entry.update(candidate_path=candidate, baseline_path=baseline, note=candidate_note)
       for impl, role in ((candidate, "candidate"), (baseline, "baseline")):
         entry[role] = attempt(f"diffvit_10m,v2 [{impl}]", lambda impl=impl: measure_step_time(
             "diffvit_10m,v2", plan, attention=impl), attention=impl)
@@ -697,13 +697,15 @@ def markdown(report: dict) -> str:
       if "error" in r:
         lines.append(f"| {r['name']} | error: {r['error']} | | | | | | | |")
         continue
-      big = r.get("largest", {})
+      big = r.get("largest")
+      largest = (f"{big['batch']} ({r['stopped']}) | {big['images_per_sec']:.0f} | "
+                 f"{_pct(big['mfu'])}" if big else "not searched | - | -")
       lines.append(f"| {r['name']} | {r['attention']} | {r['batch']} | {r['step_ms']:.1f} | "
-                   f"{r['images_per_sec']:.0f} | {_pct(r['mfu'])} | {big.get('batch', '-')} | "
-                   f"{big.get('images_per_sec', 0):.0f} | {_pct(big.get('mfu'))} |")
+                   f"{r['images_per_sec']:.0f} | {_pct(r['mfu'])} | {largest} |")
   forms = report.get("diffvit_forms", {})
   if "candidate" in forms:
-    lines += ["", f"## DiffViT 10m v2: {forms['candidate']} against {forms['baseline']}", ""]
+    lines += ["", f"## DiffViT 10m v2: {forms['candidate_path']} against "
+              f"{forms['baseline_path']}", ""]
     for role in ("candidate", "baseline"):
       r = forms[role]
       lines.append(f"- {r.get('attention')}: " + (
