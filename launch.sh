@@ -13,6 +13,9 @@
 #                                          N training processes on this machine (CPU devices,
 #                                          coordinator on 127.0.0.1), as a multi-host job runs;
 #                                          see diffvit_jax/tools/multihost.py for its own flags
+#   ./launch.sh gpu_check [--dry_run] [--out DIR]
+#                                          what only a GPU can tell (<10 min on one H100/H200):
+#                                          -> benchmarks/gpu_check.{json,md}; --dry_run: CPU, tiny
 #
 # Environment: PYTHON (interpreter for the venv, default python3), EXTRA_ARGS (appended to
 # every training command, e.g. "--config.train.steps=100"), TFDS_DATA_DIR (where Tiny
@@ -125,6 +128,11 @@ report() {
   "$PY" -m diffvit_jax.reporting.report "$@" --out reports
 }
 
+gpu_check() {
+  setup
+  "$PY" -m diffvit_jax.tools.gpu_check "$@"
+}
+
 cmd="${1:-}"
 shift || true
 case "$cmd" in
@@ -134,5 +142,6 @@ case "$cmd" in
   tiny_imagenet) tiny_imagenet "$@" ;;
   report) report "$@" ;;
   multihost) setup && "$PY" -m diffvit_jax.tools.multihost "$@" ;;
-  *) sed -n '2,20p' "$0"; exit 2 ;;
+  gpu_check) gpu_check "$@" ;;
+  *) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 2 ;;
 esac
