@@ -215,8 +215,8 @@ def validate(config, *, workdir: str | None = None, mode: str = "train",
 
   fail = _fail
   validate_model(config.model)
-  _check_choices(config, "data.")
-  _check_choices(config, "train.")
+  _check_choices(config.data, "data.")
+  _check_choices(config.train, "train.")
   m, d, t = config.model, config.data, config.train
   _check_positive_ints(config, ("data.image_size", "train.batch_size", "train.eval_batch_size",
                                 "train.log_every", "train.eval_every", "train.checkpoint_every",
