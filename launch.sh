@@ -9,6 +9,9 @@
 #                                          sizes "10m 20m 30m", seeds "0"; one run per GPU when
 #                                          several are visible, else one after another
 #   ./launch.sh report [RUN_DIR...]        plots and tables from runs/ (default: every run)
+#   ./launch.sh study [seeds]              ViT vs DiffViT on digits (CPU), seeds "0 1 2 3 4" by
+#                                          default: runs/study/<arch>/seed<k>, then the verdict
+#                                          with its confidence interval in reports/study/report.md
 #
 # Environment: PYTHON (interpreter for the venv, default python3), EXTRA_ARGS (appended to
 # every training command, e.g. "--config.train.steps=100"), TFDS_DATA_DIR (where Tiny
@@ -121,6 +124,29 @@ report() {
   "$PY" -m diffvit_jax.reporting.report "$@" --out reports
 }
 
+study() {  # study [seeds]: paired seeds of ViT and DiffViT, so the report can draw a verdict
+  setup
+  local seeds="${1:-0 1 2 3 4}" root=runs/study start=$SECONDS workdirs=()
+  # Seed-major: stopped early, the runs done so far are still complete pairs.
+  for seed in $seeds; do
+    for arch in vit diffvit; do
+      local workdir="$root/$arch/seed$seed"
+      workdirs+=("$workdir")
+      if grep -qs '"completed_steps"' "$workdir/run_info.json"; then
+        echo "== $arch seed $seed: already trained in $workdir"
+        continue
+      fi
+      echo "== training $arch seed $seed on digits (CPU) -> $workdir"
+      mkdir -p "$workdir"
+      JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" train "configs/digits.py:$arch" "$workdir" \
+        --config.train.seed="$seed" >"$workdir/train.log" 2>&1 \
+        || { echo "training failed, see $workdir/train.log" >&2; exit 1; }
+    done
+  done
+  echo "== training took $((SECONDS - start)) s"
+  "$PY" -m diffvit_jax.reporting.report "${workdirs[@]}" --out reports/study
+}
+
 cmd="${1:-}"
 shift || true
 case "$cmd" in
@@ -129,5 +155,6 @@ case "$cmd" in
   test) run_tests "$@" ;;
   tiny_imagenet) tiny_imagenet "$@" ;;
   report) report "$@" ;;
-  *) sed -n '2,18p' "$0"; exit 2 ;;
+  study) study "$@" ;;
+  *) sed -n '2,21p' "$0"; exit 2 ;;
 esac
