@@ -156,5 +156,5 @@ case "$cmd" in
   tiny_imagenet) tiny_imagenet "$@" ;;
   report) report "$@" ;;
   study) study "$@" ;;
-  *) sed -n '2,21p' "$0"; exit 2 ;;
+  *) sed -n '2,19p' "$0"; exit 2 ;;
 esac

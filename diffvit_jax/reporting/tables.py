@@ -246,6 +246,10 @@ def _num(mean: float, std: float = math.nan, digits: int = 3) -> str:
   return text if math.isnan(std) else f"{text} ± {std:.{digits}f}"
 
 
+def _gflops(value: float) -> str:
+  return "-" if math.isnan(value) else f"{value:.3g}"
+
+
 def _duration(seconds: float) -> str:
   if math.isnan(seconds):
     return "-"
@@ -312,7 +316,7 @@ def results_markdown(rows: list[dict]) -> str:
   for r in rows:
     body.append([
         registry.label(r["arch"]), r["size"], _params(r["params"]),
-        _num(r["train_gflops_per_image"], digits=3 if r["train_gflops_per_image"] < 1 else 1),
+        _gflops(r["train_gflops_per_image"]),
         r["protocol"], r["seeds"], f"{r['steps']:.0f}",
         _pct(r["final_top1_mean"], r["final_top1_std"]),
         _pct(r["final_top5_mean"], r["final_top5_std"]),
@@ -353,8 +357,8 @@ def unmatched_markdown(rows: list[dict]) -> str:
     body.append([r["size"], r["protocol"], f"{model} vs {base}",
                  f"{_params(round(r['params']))} vs {_params(round(r['baseline_params']))} "
                  f"({100 * r['param_gap']:+.1f}%)",
-                 f"{_num(r['train_gflops_per_image'], digits=3)} vs "
-                 f"{_num(r['baseline_train_gflops_per_image'], digits=3)}{gflops_gap}",
+                 f"{_gflops(r['train_gflops_per_image'])} vs "
+                 f"{_gflops(r['baseline_train_gflops_per_image'])}{gflops_gap}",
                  f"{_pct(r['final_top1_mean'], r['final_top1_std'])} vs "
                  f"{_pct(r['baseline_final_top1_mean'], r['baseline_final_top1_std'])}",
                  f"{_num(r['final_loss_mean'], r['final_loss_std'])} vs "
