@@ -16,6 +16,9 @@
 #   ./launch.sh gpu_check [--dry_run] [--out DIR]
 #                                          what only a GPU can tell (<10 min on one H100/H200):
 #                                          -> benchmarks/gpu_check.{json,md}; --dry_run: CPU, tiny
+#   ./launch.sh study [seeds]              ViT vs DiffViT on digits (CPU), seeds "0 1 2 3 4" by
+#                                          default: runs/study/<arch>/seed<k>, then the verdict
+#                                          with its confidence interval in reports/study/report.md
 #
 # Environment: PYTHON (interpreter for the venv, default python3), EXTRA_ARGS (appended to
 # every training command, e.g. "--config.train.steps=100"), TFDS_DATA_DIR (where Tiny
@@ -133,6 +136,29 @@ gpu_check() {
   "$PY" -m diffvit_jax.tools.gpu_check "$@"
 }
 
+study() {  # study [seeds]: paired seeds of ViT and DiffViT, so the report can draw a verdict
+  setup
+  local seeds="${1:-0 1 2 3 4}" root=runs/study start=$SECONDS workdirs=()
+  # Seed-major: stopped early, the runs done so far are still complete pairs.
+  for seed in $seeds; do
+    for arch in vit diffvit; do
+      local workdir="$root/$arch/seed$seed"
+      workdirs+=("$workdir")
+      if grep -qs '"completed_steps"' "$workdir/run_info.json"; then
+        echo "== $arch seed $seed: already trained in $workdir"
+        continue
+      fi
+      echo "== training $arch seed $seed on digits (CPU) -> $workdir"
+      mkdir -p "$workdir"
+      JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" train "configs/digits.py:$arch" "$workdir" \
+        --config.train.seed="$seed" >"$workdir/train.log" 2>&1 \
+        || { echo "training failed, see $workdir/train.log" >&2; exit 1; }
+    done
+  done
+  echo "== training took $((SECONDS - start)) s"
+  "$PY" -m diffvit_jax.reporting.report "${workdirs[@]}" --out reports/study
+}
+
 cmd="${1:-}"
 shift || true
 case "$cmd" in
@@ -141,6 +167,7 @@ case "$cmd" in
   test) run_tests "$@" ;;
   tiny_imagenet) tiny_imagenet "$@" ;;
   report) report "$@" ;;
+  study) study "$@" ;;
   multihost) setup && "$PY" -m diffvit_jax.tools.multihost "$@" ;;
   gpu_check) gpu_check "$@" ;;
   *) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 2 ;;

@@ -3,6 +3,8 @@ r"""One training step of our JAX code against timm's PyTorch ViT: same model, ba
   .venv/bin/python benchmarks/compare_timm.py                 # 10m, both protocols, batch 32
   .venv/bin/python benchmarks/compare_timm.py --protocols=seed --sizes=10m,20m --rounds=7
   .venv/bin/python benchmarks/compare_timm.py --frameworks=jax --sizes=20m,30m  # DiffViT/ViT
+  .venv/bin/python benchmarks/compare_timm.py --protocols= --digits=8,32 --batch=128
+      # the digits quickstart model at 8x8 (16 tokens) and 32x32 (256 tokens)
 
 For each protocol and size, ViT and DiffViT are built twice: ours (the jitted
 `steps.train_step` of the config, through `diffvit_jax.tools.bench`, on a batch
@@ -35,6 +37,8 @@ from absl import app, flags
 _PROTOCOLS = flags.DEFINE_list("protocols", ["seed", "v2"],
                                "Protocols of configs/tiny_imagenet.py.")
 _SIZES = flags.DEFINE_list("sizes", ["10m"], "Model sizes (10m, 20m, 30m).")
+_DIGITS = flags.DEFINE_list("digits", [], "Image sizes at which to time configs/digits.py's "
+                            "model (2x2 patches: 8 gives its 16 tokens, 32 gives 256).")
 _ARCHS = flags.DEFINE_list("archs", ["vit", "diffvit"], "Architectures ('vit' and 'diffvit').")
 _FRAMEWORKS = flags.DEFINE_list("frameworks", ["jax", "torch"],
                                 "'jax', 'torch' or both; one alone gives DiffViT/ViT only.")
@@ -50,10 +54,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a script from anywhere
 
 
-def _load_tiny_imagenet_configs():
-  from configs import tiny_imagenet
+def _cases():
+  """(label, arch -> config) for every protocol x size asked for, then every digits size."""
+  from configs import digits, tiny_imagenet
 
-  return tiny_imagenet
+  cases = [(f"{protocol} {size}",
+            lambda arch, p=protocol, s=size: tiny_imagenet.get_config(f"{arch}_{s},{p}"))
+           for protocol in _PROTOCOLS.value for size in _SIZES.value]
+
+  def digits_config(arch, image_size):
+    config = digits.get_config(arch)
+    config.data.image_size = image_size
+    return config
+
+  cases += [(f"digits {int(n)}x{int(n)}", lambda arch, n=int(n): digits_config(arch, n))
+            for n in _DIGITS.value]
+  return cases
 
 
 class JaxStep:
@@ -61,7 +77,8 @@ class JaxStep:
     from diffvit_jax.tools import bench
 
     self._bench = bench
-    self.step, self.state, self.batch = bench.build_train_step(config, batch_size)
+    trainer, self.batch = bench.build_train_step(config, batch_size)
+    self.step, self.state = trainer.train_step, trainer.state
 
   def run(self, num_steps: int) -> float:
     self.state, seconds = self._bench.time_steps(self.step, self.state, self.batch, num_steps)
@@ -165,50 +182,48 @@ def main(argv):
 
   threads = len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)
-  tiny_imagenet = _load_tiny_imagenet_configs()
   print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
         f"{threads} CPUs, jax {jax.__version__} ({jax.devices()[0].device_kind}), "
         f"torch {torch.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"load {os.getloadavg()}, CPU defaults {cpu_defaults}", flush=True)
   results = []
-  for protocol in _PROTOCOLS.value:
-    for size in _SIZES.value:
-      runners = {}
-      for arch in _ARCHS.value:
-        config = tiny_imagenet.get_config(f"{arch}_{size},{protocol}")
-        config.model.dtype = _DTYPE.value
-        if _IMPL.value:
-          config.model.attention_impl = _IMPL.value
-        jax_step = JaxStep(config, _BATCH.value)
-        params = jax.tree_util.tree_map(np.asarray, jax_step.state.params)
-        host_batch = bench.synthetic_batch(config, _BATCH.value)
-        if "jax" in _FRAMEWORKS.value:
-          runners[(arch, "jax")] = jax_step
-        if "torch" in _FRAMEWORKS.value:
-          runners[(arch, "torch")] = TorchStep(config, _BATCH.value, params, host_batch)
-      for runner in runners.values():
-        runner.run(_WARMUP.value)  # compiles / first-touches
-      times = {key: [] for key in runners}
-      cpu = {key: [] for key in runners}
-      for r in range(_ROUNDS.value):
-        order = list(runners) if r % 2 == 0 else list(reversed(runners))
-        for key in order:
-          cpu_start = time.process_time()
-          times[key].append(1e3 * runners[key].run(_STEPS.value))
-          cpu[key].append(1e3 * (time.process_time() - cpu_start) / _STEPS.value)
-        print(f"{protocol} {size} round {r}: " + ", ".join(
-            f"{a}/{f} {times[(a, f)][-1]:.0f} (cpu {cpu[(a, f)][-1]:.0f})" for a, f in runners)
-              + " ms/step", flush=True)
-      row = dict(protocol=protocol, size=size, batch=_BATCH.value, dtype=_DTYPE.value,
-                 ms={f"{a}/{f}": round(statistics.median(t), 1) for (a, f), t in times.items()},
-                 cpu_ms={f"{a}/{f}": round(statistics.median(t), 1) for (a, f), t in cpu.items()})
-      for arch in _ARCHS.value if len(_FRAMEWORKS.value) == 2 else ():
-        row[f"{arch}_jax_over_torch"] = paired_ratio(times, (arch, "jax"), (arch, "torch"))
-      if {"vit", "diffvit"} <= set(_ARCHS.value):
-        for fw in _FRAMEWORKS.value:
-          row[f"diffvit_over_vit_{fw}"] = paired_ratio(times, ("diffvit", fw), ("vit", fw))
-      print(json.dumps(row), flush=True)
-      results.append(row)
+  for label, config_of in _cases():
+    runners = {}
+    for arch in _ARCHS.value:
+      config = config_of(arch)
+      config.model.dtype = _DTYPE.value
+      if _IMPL.value:
+        config.model.attention_impl = _IMPL.value
+      jax_step = JaxStep(config, _BATCH.value)
+      params = jax.tree_util.tree_map(np.asarray, jax_step.state.params)
+      host_batch = bench.synthetic_batch(config, _BATCH.value)
+      if "jax" in _FRAMEWORKS.value:
+        runners[(arch, "jax")] = jax_step
+      if "torch" in _FRAMEWORKS.value:
+        runners[(arch, "torch")] = TorchStep(config, _BATCH.value, params, host_batch)
+    for runner in runners.values():
+      runner.run(_WARMUP.value)  # compiles / first-touches
+    times = {key: [] for key in runners}
+    cpu = {key: [] for key in runners}
+    for r in range(_ROUNDS.value):
+      order = list(runners) if r % 2 == 0 else list(reversed(runners))
+      for key in order:
+        cpu_start = time.process_time()
+        times[key].append(1e3 * runners[key].run(_STEPS.value))
+        cpu[key].append(1e3 * (time.process_time() - cpu_start) / _STEPS.value)
+      print(f"{label} round {r}: " + ", ".join(
+          f"{a}/{f} {times[(a, f)][-1]:.0f} (cpu {cpu[(a, f)][-1]:.0f})" for a, f in runners)
+            + " ms/step", flush=True)
+    row = dict(case=label, batch=_BATCH.value, dtype=_DTYPE.value,
+               ms={f"{a}/{f}": round(statistics.median(t), 1) for (a, f), t in times.items()},
+               cpu_ms={f"{a}/{f}": round(statistics.median(t), 1) for (a, f), t in cpu.items()})
+    for arch in _ARCHS.value if len(_FRAMEWORKS.value) == 2 else ():
+      row[f"{arch}_jax_over_torch"] = paired_ratio(times, (arch, "jax"), (arch, "torch"))
+    if {"vit", "diffvit"} <= set(_ARCHS.value):
+      for fw in _FRAMEWORKS.value:
+        row[f"diffvit_over_vit_{fw}"] = paired_ratio(times, ("diffvit", fw), ("vit", fw))
+    print(json.dumps(row), flush=True)
+    results.append(row)
   print(f"load after: {os.getloadavg()}")
   print(json.dumps(results))
 

@@ -64,3 +64,48 @@ def copy_run(root: str, arch: str, seed: int, dest) -> str:
   target = os.path.join(str(dest), f"{arch}_seed{seed}")
   shutil.copytree(run_dir(root, arch, seed), target)
   return target
+
+
+def rising_evals(final_top1: float, steps=(200, 400, 600, 800, 1000)) -> dict[int, dict]:
+  """Validation evaluations of a made-up run that learns steadily up to `final_top1`."""
+  last = steps[-1]
+  return {step: dict(top1=final_top1 * step / last, top5=min(1.0, 1.6 * final_top1 * step / last),
+                     loss=4.0 / (1 + step / 300)) for step in steps}
+
+
+def write_synthetic_run(workdir, *, name: str, arch: str, params: int, seed: int,
+                        evals: dict[int, dict], depth: int = 2, protocol: str = "v2",
+                        config: dict | None = None) -> str:
+  """A finished run's files without training: run_info.json and CLU events.
+
+  `evals` ({step: {'top1', 'top5', 'loss'}}) are the validation evaluations
+  written as `eval/*`; train loss, throughput and (for differential archs)
+  lambda per layer are made-up curves. `config` is the run_info.json config
+  (default: a partial one that gives the depth and image size only).
+  """
+  import json
+
+  from clu import metric_writers
+
+  from diffvit_jax.models import registry
+
+  os.makedirs(workdir)
+  writer = metric_writers.SummaryWriter(str(workdir))
+  for step in range(100, max(evals) + 1, 100):
+    scalars = {"train/loss": 5 / (1 + step / 300) + 0.01 * (seed % 3),
+               "train/images_per_sec": 1000.0 + seed}
+    if registry.ARCHS[arch].lambda_per_layer is not None:
+      scalars.update({f"lambda/layer_{i + 1}": 0.2 + 0.05 * i - step / 1e4 for i in range(depth)})
+    writer.write_scalars(step, scalars)
+  for step in sorted(evals):
+    writer.write_scalars(step, {f"eval/{key}": value for key, value in evals[step].items()})
+  writer.close()
+  last = max(evals)
+  info = dict(name=name, arch=arch, protocol=protocol, params=params, seed=seed,
+              batch_size=512, steps_per_epoch=100_000 / 512, train_seconds=3600.0,
+              best_top1=max(e["top1"] for e in evals.values()), final_eval=evals[last],
+              eval_step=last, completed_steps=last,
+              config=config or dict(model=dict(depth=depth), data=dict(image_size=96)))
+  with open(os.path.join(workdir, "run_info.json"), "w") as f:
+    json.dump(info, f)
+  return str(workdir)

@@ -18,7 +18,8 @@ FIELDS = ("arch", "params", "gflops_per_image", "batch", "images_per_sec", "step
 def run_bench(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   env.pop("XLA_FLAGS", None)  # one CPU device, whatever the calling test session simulates
-  return subprocess.run([sys.executable, "-m", "diffvit_jax.tools.bench", *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, "-m", "diffvit_jax.tools.bench", *args], cwd=REPO,
+                        env=env,
                         capture_output=True, text=True, timeout=120)
 
 
@@ -85,3 +86,18 @@ def test_cpu_defaults_only_on_the_cpu(monkeypatch):
   assert not cpu_runtime.cpu_only()
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   assert cpu_runtime.cpu_only()
+
+
+def test_compare_timm_times_both_frameworks_on_the_digits_model():
+  # The JAX-vs-timm benchmark builds its steps from the same code as training: it must run.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)
+  run = subprocess.run(
+      [sys.executable, "benchmarks/compare_timm.py", "--protocols=", "--digits=8", "--batch=8",
+       "--rounds=1", "--steps=1", "--warmup=1"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  rows = last_json(run)
+  assert [row["case"] for row in rows] == ["digits 8x8"]
+  assert set(rows[0]["ms"]) == {"vit/jax", "vit/torch", "diffvit/jax", "diffvit/torch"}
+  assert all(ms > 0 for ms in rows[0]["ms"].values())
+  assert rows[0]["vit_jax_over_torch"] > 0 and rows[0]["diffvit_over_vit_jax"] > 0

@@ -7,7 +7,15 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-from analysis_runs import ARCHS, SEEDS, STEPS, run_dir, trained_runs
+from analysis_runs import (
+  ARCHS,
+  SEEDS,
+  STEPS,
+  rising_evals,
+  run_dir,
+  trained_runs,
+  write_synthetic_run,
+)
 from PIL import Image
 
 from diffvit_jax.reporting import events, report
@@ -65,13 +73,16 @@ def check_png(path: str, min_size=(400, 250), max_size=(4000, 3000)) -> None:
 def test_report_writes_every_file(report_dir):
   names = set(os.listdir(report_dir))
   size = sorted(n for n in names if n.startswith("curves_digits_"))[0][len("curves_digits_"):-4]
-  for stem in ("report.md", "results.md", "results.csv", "differences.md", "differences.csv",
-               "runs.csv", f"curves_digits_{size}.png", f"curves_digits_{size}.svg",
-               "lambda_digits.png", "lambda_digits.svg"):
+  for stem in ("report.md", "verdict.csv", "results.md", "results.csv", "differences.md",
+               "differences.csv", "runs.csv", f"curves_digits_{size}.png",
+               f"curves_digits_{size}.svg", "lambda_digits.png", "lambda_digits.svg"):
     assert stem in names, sorted(names)
   with open(os.path.join(report_dir, "report.md")) as f:
     text = f.read()
   assert "| ViT |" in text and "| DiffViT |" in text and "DiffViT − ViT" in text
+  # Two seeds: the verdict says that nothing can be concluded yet.
+  assert text.index("## Verdict") < text.index("## Results per config")
+  assert "no conclusion possible: 2 paired seeds" in text
   for line in text.splitlines():
     if line.startswith("!["):
       assert os.path.exists(os.path.join(report_dir, line.split("](")[1].rstrip(")")))
@@ -96,8 +107,10 @@ def test_table_numbers_equal_the_events(runs_root, report_dir):
       top1 = scalars["eval/top1"]
       last = max(top1)
       assert last == STEPS
+      best_step = min(s for s, v in top1.items() if v == max(top1.values()))
       per_run[(arch, seed)] = dict(
-          best_top1=max(top1.values()), final_top1=top1[last],
+          best_top1=top1[best_step], best_top5=scalars["eval/top5"][best_step],
+          best_step=best_step, final_top1=top1[last],
           final_top5=scalars["eval/top5"][last], final_loss=scalars["eval/loss"][last],
           images_per_sec=float(np.median(list(scalars["train/images_per_sec"].values()))))
 
@@ -112,7 +125,7 @@ def test_table_numbers_equal_the_events(runs_root, report_dir):
   assert set(groups) == set(ARCHS)
   for arch, row in groups.items():
     assert row["seeds"] == " ".join(map(str, SEEDS))
-    assert int(row["params"]) > 0
+    assert int(row["params"]) > 0 and float(row["train_gflops_per_image"]) > 0
     for key in ("best_top1", "final_top1", "final_top5", "final_loss"):
       values = [per_run[(arch, s)][key] for s in SEEDS]
       assert float(row[f"{key}_mean"]) == pytest.approx(np.mean(values), rel=1e-6)
@@ -123,7 +136,7 @@ def test_table_numbers_equal_the_events(runs_root, report_dir):
   assert diff["arch"] == "diffvit" and diff["baseline"] == "vit"
   for key in ("best_top1", "final_top1"):
     per_seed = [per_run[("diffvit", s)][key] - per_run[("vit", s)][key] for s in SEEDS]
-    assert float(diff[f"{key}_diff"]) == pytest.approx(np.mean(per_seed), abs=1e-7)
+    assert float(diff[f"{key}_mean"]) == pytest.approx(np.mean(per_seed), abs=1e-7)
     assert float(diff[f"{key}_std"]) == pytest.approx(np.std(per_seed, ddof=1), abs=1e-7)
 
   # The Markdown table shows the same numbers, in percent.
@@ -218,40 +231,15 @@ def test_nan_free_summary(runs_root):
   assert all(not math.isnan(v) for v in summary.values()), summary
 
 
-def write_fake_run(workdir, name, arch, params, seed, depth, rng):
-  """A finished run's files without training: run_info.json and CLU events of made-up curves."""
-  import json
-
-  from clu import metric_writers
-
-  os.makedirs(workdir)
-  writer = metric_writers.SummaryWriter(str(workdir))
-  for step in range(100, 1001, 100):
-    scalars = {"train/loss": 5 / (1 + step / 300) + rng.normal(0, 0.05),
-               "train/images_per_sec": 1000.0 + rng.normal(0, 10)}
-    if arch == "diffvit":
-      scalars.update({f"lambda/layer_{i + 1}": 0.2 + 0.05 * i - step / 1e4 for i in range(depth)})
-    writer.write_scalars(step, scalars)
-    if step % 200 == 0:
-      writer.write_scalars(step, {"eval/loss": 4 / (1 + step / 300), "eval/top1": step / 2000
-                                  + rng.normal(0, 0.01), "eval/top5": step / 1200})
-  writer.close()
-  info = dict(name=name, arch=arch, protocol="v2", params=params, seed=seed, batch_size=512,
-              steps_per_epoch=100_000 / 512, train_seconds=3600.0,
-              config=dict(model=dict(depth=depth), data=dict(image_size=96)))
-  with open(os.path.join(workdir, "run_info.json"), "w") as f:
-    json.dump(info, f)
-
-
 def test_sizes_get_their_own_and_a_cross_size_figure(tmp_path):
-  rng = np.random.default_rng(0)
   workdirs = []
   for size, params, depth in (("10m", 10_100_000, 8), ("20m", 20_200_000, 11)):
     for arch in ARCHS:
       for seed in SEEDS:
-        workdir = str(tmp_path / "runs" / f"{arch}_{size}" / f"seed{seed}")
-        write_fake_run(workdir, f"{arch}_{size},v2", arch, params, seed, depth, rng)
-        workdirs.append(workdir)
+        workdirs.append(write_synthetic_run(
+            tmp_path / "runs" / f"{arch}_{size}" / f"seed{seed}", name=f"{arch}_{size},v2",
+            arch=arch, params=params, seed=seed, depth=depth,
+            evals=rising_evals(0.5 + 0.01 * seed)))
   out = str(tmp_path / "report")
   assert report.main([*workdirs, "--out", out]) == 0
   names = set(os.listdir(out))

@@ -15,10 +15,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
 
+from diffvit_jax.models import registry  # noqa: E402
 from diffvit_jax.models.differential import lambda_init  # noqa: E402
 from diffvit_jax.reporting import runs as runs_lib  # noqa: E402
 
-ARCH_COLORS = {"vit": "tab:blue", "diffvit": "tab:red", "diffvit2": "tab:green"}
 DPI = 110
 # (tag, panel title, y label) of the learning-curve panels.
 CURVES = (
@@ -54,6 +54,12 @@ def _band(ax, x, values, color, label, **kwargs):
   ax.plot(x, values.mean(0), color=color, label=label, lw=1.6, marker=marker, ms=3, **kwargs)
   if len(values) > 1:
     ax.fill_between(x, values.min(0), values.max(0), color=color, alpha=0.2, lw=0)
+
+
+def _color(group: runs_lib.Group, index: int) -> str:
+  """The registry's colour of the arch; matplotlib's cycle for archs it does not know."""
+  kind = registry.ARCHS.get(group.arch)
+  return kind.color if kind is not None else f"C{index}"
 
 
 def _group_label(group: runs_lib.Group, lead: str) -> str:
@@ -101,7 +107,7 @@ def learning_curves(groups: list[runs_lib.Group], title: str, *, colors: dict[in
 
 def size_comparison(groups: list[runs_lib.Group], protocol: str, size: str):
   """ViT vs DiffViT(s) of one size and protocol."""
-  colors = {i: ARCH_COLORS.get(g.arch, f"C{i}") for i, g in enumerate(groups)}
+  colors = {i: _color(g, i) for i, g in enumerate(groups)}
   labels = {i: _group_label(g, g.label) for i, g in enumerate(groups)}
   title = f"{size} models, protocol {protocol or '?'}: " + " vs ".join(g.label for g in groups)
   return learning_curves(groups, title, colors=colors, labels=labels)
@@ -109,11 +115,12 @@ def size_comparison(groups: list[runs_lib.Group], protocol: str, size: str):
 
 def arch_across_sizes(groups: list[runs_lib.Group], protocol: str, arch: str):
   """One architecture at every size of a protocol (darker = larger)."""
-  shades = plt.get_cmap("Reds" if arch != "vit" else "Blues")
+  # Classic in blues and differential in reds, as the two kinds' colours in other figures.
+  shades = plt.get_cmap("Reds" if groups[0].differential else "Blues")
   n = len(groups)
   colors = {i: shades(0.45 + 0.5 * i / max(n - 1, 1)) for i in range(n)}
   labels = {i: _group_label(g, g.size) for i, g in enumerate(groups)}
-  title = f"{runs_lib.ARCH_LABELS.get(arch, arch)} across sizes, protocol {protocol or '?'}"
+  title = f"{registry.label(arch)} across sizes, protocol {protocol or '?'}"
   return learning_curves(groups, title, colors=colors, labels=labels)
 
 
@@ -187,7 +194,7 @@ def mean_accuracy_vs_severity(groups: list[runs_lib.Group], title: str):
                          + [np.mean([c[str(s)]["top1"] for c in r["corrupted"].values()])
                             for s in severities] for r in results])
     x = [0] + severities
-    color = ARCH_COLORS.get(group.arch, f"C{i}")
+    color = _color(group, i)
     _band(ax, x, values, color, _group_label(group, f"{group.label} {group.size}"))
   if x is not None:
     ax.set_xticks(x, ["clean"] + [str(s) for s in x[1:]])

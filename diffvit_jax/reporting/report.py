@@ -7,10 +7,17 @@ Reads each run's TensorBoard events (written by CLU), run_info.json and,
 when `--mode eval_corrupted` was run, robustness.json; groups the seeds of each
 config (see `reporting.runs`) and writes into --out:
 
-  report.md                    the tables below and the figures, in one page
-  results.{md,csv}             per config: params, seeds, best/final top-1/top-5,
-                               final val loss, throughput, wall time
-  differences.{md,csv}         DiffViT minus ViT per size, spread over seeds
+  report.md                    the tables below and the figures, in one page, opening
+                               with the verdict
+  verdict.csv                  per size and protocol, parameter-matched differential minus
+                               classic: final top-1 and val loss, mean over paired seeds,
+                               95% paired t-interval, reading (no difference below 3 seeds)
+  results.{md,csv}             per config: params, training GFLOPs/image, seeds, final
+                               top-1/top-5/val loss (the headline), best-on-val top-1 with the
+                               top-5 of that evaluation, throughput, wall time
+  differences.{md,csv}         parameter-matched pairs (within 0.5%): more metrics, same CI
+  unmatched.csv                pairs that are not matched (DiffViT-v2): accuracy beside
+                               parameters and training GFLOPs
   runs.csv                     the same numbers per run
   curves_<protocol>_<size>.{png,svg}   ViT vs DiffViT at one size
   curves_<protocol>_<arch>.{png,svg}   one architecture across sizes
@@ -21,12 +28,14 @@ config (see `reporting.runs`) and writes into --out:
   robustness_<protocol>_<size>_<arch>.{png,svg}  top-1 per corruption vs severity
 """
 
-import argparse
 import os
 import sys
 
+from absl import flags
+
 from diffvit_jax.errors import DataError, UserError
-from diffvit_jax.reporting import plots, tables
+from diffvit_jax.models import registry
+from diffvit_jax.reporting import plots, tables, verdict
 from diffvit_jax.reporting import runs as runs_lib
 
 
@@ -51,7 +60,7 @@ def _curve_figures(groups, out_dir) -> list[tuple[str, str]]:
       if len(of_arch) > 1:  # With one size this figure would repeat a line of the one above.
         png, _ = plots.save(plots.arch_across_sizes(of_arch, protocol, arch),
                             os.path.join(out_dir, f"curves_{tag}_{arch}"))
-        figures.append((f"{runs_lib.ARCH_LABELS.get(arch, arch)} across sizes, "
+        figures.append((f"{registry.label(arch)} across sizes, "
                         f"protocol {protocol}", png))
   return figures
 
@@ -113,26 +122,60 @@ def write_report(workdirs: list[str], out_dir: str) -> dict[str, str]:
                     "`diffvit_jax.main` (which writes them into the workdir)?")
 
   written = {}
+  comparisons = tables.comparisons(groups)
+  verdict_rows = tables.verdict_rows(comparisons)
   group_rows = tables.group_rows(groups)
-  diff_rows = tables.difference_rows(groups)
+  diff_rows = tables.difference_rows(comparisons)
+  unmatched_rows = tables.unmatched_rows(comparisons)
   run_rows = tables.run_rows(groups)
   robust_rows = tables.robustness_rows(groups)
   tables.write_csv(group_rows, written.setdefault("results.csv", f"{out_dir}/results.csv"))
   tables.write_csv(run_rows, written.setdefault("runs.csv", f"{out_dir}/runs.csv"))
-  sections = ["# Results\n",
-              "Accuracies in %, mean ± std over seeds (std only with several seeds). Best: "
-              "highest validation top-1 over the evaluations of a run; final: the last "
-              "evaluation. Throughput: median over logging windows; wall time: all training "
-              "sessions, evaluation included.\n",
-              tables.results_markdown(group_rows)]
+  sections = ["# Results\n"]
+  if verdict_rows:
+    tables.write_csv(verdict_rows, written.setdefault("verdict.csv", f"{out_dir}/verdict.csv"))
+    verdict_md = tables.verdict_markdown(verdict_rows)
+    sections += ["## Verdict: differential minus classic attention, parameter-matched\n",
+                 "Per size and protocol: the differential model minus the ViT on the final "
+                 "evaluation (top-1 in percentage points, validation loss), as the mean over "
+                 "seeds of the per-seed difference (runs paired by seed) with its two-sided "
+                 f"{100 * verdict.CONFIDENCE:.0f}% paired t-interval (t quantile with n − 1 "
+                 "degrees of freedom). A reading of better or worse means the interval "
+                 "excludes 0; with fewer than "
+                 f"{verdict.MIN_SEEDS} paired seeds no difference is given: it could not be "
+                 "told apart from seed noise.\n",
+                 verdict_md]
+  else:
+    sections += ["## Verdict\n",
+                 "No verdict: these runs hold no parameter-matched pair of a differential and a "
+                 "classic model of the same size and protocol.\n"]
+  sections += ["\n## Results per config\n",
+               "Accuracies in %, mean ± std over seeds (std only with several seeds). Final: "
+               "the last evaluation, the headline. Best-on-val: the evaluation with the "
+               "highest validation top-1, with the top-5 and step of that same evaluation; it "
+               "is selected on the validation split, which is also the only labelled held-out "
+               "set, so it is optimistic. Train GFLOPs/img: forward + backward matmul FLOPs "
+               "per image (models/stats.py). Throughput: median over logging windows; wall "
+               "time: all training sessions, evaluation included.\n",
+               tables.results_markdown(group_rows)]
   if diff_rows:
     tables.write_csv(diff_rows, written.setdefault("differences.csv",
                                                    f"{out_dir}/differences.csv"))
     diff_md = tables.differences_markdown(diff_rows)
-    sections += ["\n## Differential minus classic, per size\n",
-                 "Percentage points: mean over the model's seeds minus mean over the ViT's; ± "
-                 "the std over seeds of the per-seed difference (runs paired by seed).\n",
+    sections += ["\n## Differential minus classic, parameter-matched pairs\n",
+                 f"Only pairs whose parameter counts differ by at most "
+                 f"{100 * tables.MATCH_TOLERANCE:.1f}%. Mean over paired seeds of the per-seed "
+                 f"difference [{100 * verdict.CONFIDENCE:.0f}% paired t-interval]; top-1/top-5 "
+                 "in percentage points.\n",
                  diff_md]
+  if unmatched_rows:
+    tables.write_csv(unmatched_rows, written.setdefault("unmatched.csv",
+                                                        f"{out_dir}/unmatched.csv"))
+    sections += ["\n## Not parameter-matched: accuracy beside parameters and compute\n",
+                 "These models differ from the ViT of their size in more than the attention "
+                 f"(parameters differ by more than {100 * tables.MATCH_TOLERANCE:.1f}%), so a "
+                 "difference in accuracy cannot be credited to the attention alone.\n",
+                 tables.unmatched_markdown(unmatched_rows)]
   if robust_rows:
     tables.write_csv(robust_rows, written.setdefault("robustness.csv",
                                                      f"{out_dir}/robustness.csv"))
@@ -162,25 +205,38 @@ def write_report(workdirs: list[str], out_dir: str) -> dict[str, str]:
   return written
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(
-      prog="python -m diffvit_jax.reporting.report",
-      description="Plots (PNG, SVG) and tables (Markdown, CSV) from training workdirs.")
-  parser.add_argument("workdirs", nargs="+", metavar="RUN_DIR",
-                      help="training workdirs (each with run_info.json and event files)")
-  parser.add_argument("--out", default="reports", help="output directory (default: reports)")
-  return parser.parse_args(argv)
+USAGE = "python -m diffvit_jax.reporting.report RUN_DIR... [--out DIR]"
+
+
+def parse_flags(argv: list[str]) -> tuple[list[str], str]:
+  """(run dirs, output dir) from the command line (without the program name).
+
+  A FlagValues of its own, parsed afresh per call: `main` can be called
+  several times in one process (tests) without flags kept from an earlier call.
+  """
+  flag_values = flags.FlagValues()
+  flags.DEFINE_string("out", "reports", "Output directory.", flag_values=flag_values)
+  flags.DEFINE_bool("help", False, "Show this help.", flag_values=flag_values)
+  try:
+    positional = flag_values([USAGE.split()[2], *argv])[1:]
+  except flags.Error as e:
+    raise UserError(f"{e}. Usage: {USAGE}") from e
+  if flag_values.help:
+    print(f"Usage: {USAGE}\n\nPlots (PNG, SVG) and tables (Markdown, CSV) from training "
+          f"workdirs.\n\n{flag_values.main_module_help() or flag_values}")
+    raise SystemExit(0)
+  return positional, flag_values.out
 
 
 def main(argv=None) -> int:
-  args = parse_args(argv)
   try:
-    written = write_report(args.workdirs, args.out)
+    workdirs, out = parse_flags(sys.argv[1:] if argv is None else list(argv))
+    written = write_report(workdirs, out)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return e.exit_code
-  print(f"Wrote {len(written)} files to {args.out}/ (start with "
-        f"{os.path.join(args.out, 'report.md')}).")
+  print(f"Wrote {len(written)} files to {out}/ (start with "
+        f"{os.path.join(out, 'report.md')}).")
   return 0
 
 

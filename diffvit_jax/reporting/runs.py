@@ -9,6 +9,7 @@ matched with land in the same size.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -16,16 +17,17 @@ import warnings
 
 import numpy as np
 
-from diffvit_jax.errors import DataError
+from diffvit_jax.errors import DataError, UserError
+from diffvit_jax.models import registry
 from diffvit_jax.reporting import events
 
 RUN_INFO = "run_info.json"
 ROBUSTNESS_JSON = "robustness.json"
-ARCH_ORDER = ("vit", "diffvit", "diffvit2")
-ARCH_LABELS = {"vit": "ViT", "diffvit": "DiffViT", "diffvit2": "DiffViT-v2"}
 _SIZE_IN_NAME = re.compile(r"_(\d+(?:\.\d+)?[kmb])(?:,|$)", re.IGNORECASE)
 # What a model's size is when its name does not say.
 _SHAPE_FIELDS = ("width", "depth", "num_heads", "mlp_dim", "patch_size")
+# Model fields the FLOP count depends on; a run_info.json without them has no FLOP count.
+_FLOP_FIELDS = ("arch",) + _SHAPE_FIELDS + ("pool", "num_classes")
 
 
 @dataclasses.dataclass
@@ -71,11 +73,15 @@ class Run:
   def summary(self) -> dict[str, float]:
     """The numbers of the results table, from the events (run_info.json when there are none).
 
-    best/final top-1, top-5 and loss: the maximum and the last value of the
-    validation series; throughput: the median over logging windows of
-    `train/images_per_sec` (a median, because the first window of every
-    session includes compilation); wall time: `train_seconds` (all sessions,
-    evaluation included).
+    final_top1/top5/loss: the last evaluation, the headline (chosen before
+    looking at any result). best_top1: the highest validation top-1 over the
+    evaluations; best_top5/best_loss/best_step are those of that same
+    evaluation (the first one if several tie, as the trainer's best
+    checkpoint). It is selected on the validation split, which is also the
+    only labelled held-out set, so it is an optimistic estimate. Throughput:
+    the median over logging windows of `train/images_per_sec` (a median,
+    because the first window of every session includes compilation); wall
+    time: `train_seconds` (all sessions, evaluation included).
     """
     final_eval = self.info.get("final_eval") or {}
     out = {}
@@ -83,16 +89,47 @@ class Run:
       series = self.series(f"eval/{key}")
       out[f"final_{key}"] = series.last if series else float(final_eval.get(key, np.nan))
     top1 = self.series("eval/top1")
-    out["best_top1"] = (float(top1.values.max()) if top1
-                        else float(self.info.get("best_top1", np.nan)))
-    top5 = self.series("eval/top5")
-    out["best_top5"] = float(top5.values.max()) if top5 else np.nan
+    if top1:
+      best = int(np.argmax(top1.values))
+      out["best_top1"] = float(top1.values[best])
+      out["best_step"] = float(top1.steps[best])
+      for key in ("top5", "loss"):
+        out[f"best_{key}"] = self._value_at(f"eval/{key}", int(top1.steps[best]))
+    else:  # run_info.json keeps the best top-1 but not the evaluation it came from.
+      out["best_top1"] = float(self.info.get("best_top1", np.nan))
+      out["best_step"] = out["best_top5"] = out["best_loss"] = np.nan
     throughput = self.series("train/images_per_sec")
     out["images_per_sec"] = (float(np.median(throughput.values)) if throughput
                              else float(self.info.get("images_per_sec", np.nan)))
     out["train_seconds"] = float(self.info.get("train_seconds", np.nan))
     out["steps"] = float(top1.steps[-1]) if top1 else float(self.info.get("eval_step", np.nan))
     return out
+
+  def _value_at(self, tag: str, step: int) -> float:
+    series = self.series(tag)
+    if series is None:
+      return np.nan
+    where = np.flatnonzero(series.steps == step)
+    return float(series.values[where[0]]) if len(where) else np.nan
+
+  def gflops_per_image(self) -> float:
+    """Training (forward + backward) GFLOPs per image of the run's model, NaN if unknown.
+
+    Computed from the run's config with `models.stats.gflops_per_image`;
+    runs whose run_info.json has no complete model config get NaN.
+    """
+    config = self.info.get("config", {})
+    image_size = config.get("data", {}).get("image_size")
+    if not image_size or any(f not in config.get("model", {}) for f in _FLOP_FIELDS):
+      return np.nan
+    from diffvit_jax import config_lib
+    from diffvit_jax.models import stats
+
+    try:
+      model = config_lib.model_config(**config["model"])
+      return float(stats.gflops_per_image(model, int(image_size)))
+    except (UserError, KeyError, TypeError, ValueError):  # A config of other code.
+      return np.nan
 
 
 def load_run(workdir: str) -> Run:
@@ -166,14 +203,30 @@ class Group:
 
   @property
   def label(self) -> str:
-    return ARCH_LABELS.get(self.arch, self.arch)
+    return registry.label(self.arch)
+
+  @property
+  def differential(self) -> bool | None:
+    """Whether the arch is a differential kind; None for an arch the registry does not know."""
+    kind = registry.ARCHS.get(self.arch)
+    return None if kind is None else kind.differential
+
+  @property
+  def params(self) -> float:
+    return float(np.mean([r.params for r in self.runs]))
+
+  @functools.cached_property
+  def gflops_per_image(self) -> float:
+    """Training GFLOPs per image of the first seed's model (the seeds share the config)."""
+    return self.runs[0].gflops_per_image()
 
   @property
   def seeds(self) -> list[int]:
     return sorted(r.seed for r in self.runs)
 
   def sort_key(self):
-    arch = ARCH_ORDER.index(self.arch) if self.arch in ARCH_ORDER else len(ARCH_ORDER)
+    order = list(registry.ARCHS)
+    arch = order.index(self.arch) if self.arch in order else len(order)
     return (self.protocol, _size_order(self.size), self.size, arch, self.name)
 
 

@@ -70,6 +70,9 @@ from diffvit_jax.data import sharding  # noqa: E402
 from diffvit_jax.errors import UserError  # noqa: E402
 from diffvit_jax.models import attention_impl, stats  # noqa: E402
 from diffvit_jax.tools import bench  # noqa: E402
+from diffvit_jax.training import optim  # noqa: E402
+
+TINY_IMAGENET_TRAIN_EXAMPLES = 100_000  # the sweep's data set, not needed on this machine
 
 SECTIONS = ("agreement", "step_time", "diffvit_forms", "pipeline", "training", "memory", "sweep")
 ARCHS = ("vit", "diffvit", "diffvit2")
@@ -414,7 +417,7 @@ def measure_training(name: str, plan: Plan) -> dict:
   config.model.num_classes = num_classes
   total = plan.train_steps
   # The v2 recipe (AdamW, mixing, smoothing, clipping), with a warmup that fits the short run.
-  config.train.update(steps=total, warmup_steps=max(1, total // 10))
+  config.train.update(steps=total, warmup_steps=max(1, total // 10), warmup_epochs=0.0)
   mesh = sharding.make_mesh()
   trainer = bench.build_train_step(config, plan.train_batch, mesh, total_steps=total)[0]
   state, losses = trainer.state, []
@@ -460,8 +463,8 @@ def sweep_estimate(step_records: list[dict], plan: Plan) -> dict:
     if not record["name"].endswith(",v2") or "step_ms" not in record:
       continue
     config = load_config(record["name"], plan)
-    examples = _tiny_imagenet_configs().TRAIN_EXAMPLES
-    steps = math.ceil(config.train.num_epochs * examples / record["batch"])
+    config.train.batch_size = record["batch"]
+    steps = optim.derive_recipe(config.train, TINY_IMAGENET_TRAIN_EXAMPLES).total_steps
     run_hours = steps * record["step_ms"] / 1e3 / 3600
     runs.append(dict(name=record["name"], batch=record["batch"], steps=steps,
                      step_ms=record["step_ms"], hours=run_hours))
