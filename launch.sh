@@ -78,7 +78,8 @@ PYEOF
 
 run_tests() {
   setup test
-  "$PY" -m pytest -q -n "${TEST_WORKERS:-2}" "$@"
+  # loadgroup: a module marked xdist_group stays on one worker (its shared runs happen once).
+  "$PY" -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadgroup "$@"
 }
 
 num_gpus() {
