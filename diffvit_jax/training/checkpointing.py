@@ -138,6 +138,13 @@ def decode_iterator_state(encoded: dict):
   return encoded["grain_dict"]
 
 
+def _barriers(name: str):
+  # Orbax names its cross-process barriers after the step directory ("8"), so the latest
+  # and best managers saving one step at once would join the same barrier and fail
+  # ("Barrier _async_write_complete.8 is already ongoing"): each gets its own prefix.
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
 class Checkpointer:
   """Latest-K checkpoints in `<workdir>/checkpoints`, the best one in `<workdir>/best`."""
 
@@ -149,12 +156,12 @@ class Checkpointer:
         os.path.join(root, "checkpoints"),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=config.train.keep_checkpoints, create=True,
-            enable_async_checkpointing=True))
+            enable_async_checkpointing=True, multiprocessing_options=_barriers("latest")))
     self.best = ocp.CheckpointManager(
         os.path.join(root, "best"),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True, best_fn=lambda m: m["top1"], best_mode="max",
-            enable_async_checkpointing=True))
+            enable_async_checkpointing=True, multiprocessing_options=_barriers("best")))
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
