@@ -10,10 +10,6 @@ from PIL import Image
 from diffvit_jax.evaluation import attention_maps
 from diffvit_jax.training import checkpointing
 
-# One xdist worker runs this module (./launch.sh test uses --dist loadgroup), so its
-# module-scoped training runs happen once, not once per worker.
-pytestmark = pytest.mark.xdist_group("attention_maps")
-
 
 @pytest.fixture(scope="session")
 def runs_root(tmp_path_factory):

@@ -10,10 +10,6 @@ import pytest
 
 from diffvit_jax.tools import gpu_check
 
-# One xdist worker runs this module (./launch.sh test uses --dist loadgroup), so its
-# module-scoped training runs happen once, not once per worker.
-pytestmark = pytest.mark.xdist_group("gpu_check")
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

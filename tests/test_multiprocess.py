@@ -19,10 +19,6 @@ import pytest
 
 from diffvit_jax.tools import multihost
 
-# One xdist worker runs this module (./launch.sh test uses --dist loadgroup), so its
-# module-scoped training runs happen once, not once per worker.
-pytestmark = pytest.mark.xdist_group("multiprocess")
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 FLAGS = ["--config", "configs/digits.py:vit", f"--config.train.steps={STEPS}",

@@ -16,7 +16,6 @@ import pytest
 
 from diffvit_jax.training import checkpointing
 
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.width=32", "--config.model.depth=2", "--config.model.mlp_dim=64",
         "--config.train.batch_size=32", "--config.train.eval_batch_size=120",

@@ -21,10 +21,6 @@ from PIL import Image
 from diffvit_jax.reporting import events, report
 from diffvit_jax.reporting import runs as runs_lib
 
-# One xdist worker runs this module (./launch.sh test uses --dist loadgroup), so its
-# module-scoped training runs happen once, not once per worker.
-pytestmark = pytest.mark.xdist_group("report")
-
 
 @pytest.fixture(scope="session")
 def runs_root(tmp_path_factory):

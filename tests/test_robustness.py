@@ -17,10 +17,6 @@ from diffvit_jax.errors import CheckpointError, ConfigError, DataError
 from diffvit_jax.evaluation import robustness
 from diffvit_jax.reporting import report
 
-# One xdist worker runs this module (./launch.sh test uses --dist loadgroup), so its
-# module-scoped training runs happen once, not once per worker.
-pytestmark = pytest.mark.xdist_group("robustness")
-
 TINY = ["--config.model.depth=2", "--config.model.width=32"]
 
 
