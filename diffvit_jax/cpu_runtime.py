@@ -21,6 +21,14 @@ Why (measured in benchmarks/RESULTS.md, "Train step on the CPU"):
   own temp buffer (all of its intermediates) and slows the running one. So on
   the CPU the train loop waits for each step before dispatching the next; the
   input pipeline runs in its own threads meanwhile.
+- Dense weight gradients (`dense_dot_general`, the `dot_general` of every
+  Dense in the models). Autodiff's dW = x^T dy contracts the token axis of
+  both operands; XLA:CPU lays that out by transposing dy, and then fuses the
+  whole chain that produces dy (the residual stream's gradient, summed back
+  through every later block) into each such transpose, so the backward pass
+  recomputes it once per layer, quadratically in depth. Computing dW from an
+  explicitly transposed x leaves dy as it is. Same values (one product
+  either way); on any other backend the plain `lax.dot_general` runs.
 
 The allocator setting concerns only the CPU backend: nothing is done when an accelerator
 backend is requested (`JAX_PLATFORMS` naming one) or installed (a jax CUDA /
@@ -30,6 +38,7 @@ Set `DIFFVIT_CPU_DEFAULTS=0` to skip it all.
 
 import collections
 import ctypes
+import functools
 import importlib.util
 import os
 
@@ -101,3 +110,58 @@ class StepQueue:
       import jax
 
       jax.block_until_ready(self._pending.popleft())
+
+
+@functools.cache
+def _dense_with_plain_weight_gradient():
+  """y = x W ([..., K] x [K, N]) whose backward takes dW = (x^T) dy from a transposed x."""
+  import jax
+  from jax import lax
+
+  @jax.custom_vjp
+  def dense(x, w):
+    return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+  def forward(x, w):
+    return dense(x, w), (x, w)
+
+  def backward(residuals, dy):
+    x, w = residuals
+    dx = lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
+    rows = lambda a: a.reshape(-1, a.shape[-1])
+    dw = rows(x).T @ rows(dy)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+  dense.defvjp(forward, backward)
+  return dense
+
+
+def plain_weight_gradients() -> bool:
+  """Whether `dense_dot_general` takes its CPU form (JAX's default backend is the CPU)."""
+  import jax
+
+  return jax.default_backend() == "cpu"
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                      preferred_element_type=None, **kwargs):
+  """`lax.dot_general` for `nn.Dense(dot_general=...)`: on the CPU, the Dense product's
+  weight gradient from a transposed x (see the module docstring); otherwise unchanged."""
+  from jax import lax
+
+  (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
+  if (plain_weight_gradients() and rhs.ndim == 2 and not lhs_batch
+      and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
+      and precision is None and preferred_element_type is None and not kwargs
+      and lhs.dtype == rhs.dtype):
+    return _dense_with_plain_weight_gradient()(lhs, rhs)
+  return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                         preferred_element_type=preferred_element_type, **kwargs)
+
+
+def describe() -> dict:
+  """What of this module applies in this process (logged, and in run_info.json)."""
+  return dict(allocator=bool(_applied and _applied["allocator"]),
+              max_steps_in_flight=max_steps_in_flight(),
+              dense_weight_gradient=("from transposed x" if plain_weight_gradients()
+                                     else "autodiff"))

@@ -1,6 +1,7 @@
-"""The bound on train steps in flight: which steps are waited for, and when."""
+"""The CPU runtime: the bound on train steps in flight, and the Dense product's CPU form."""
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from diffvit_jax import cpu_runtime
@@ -32,3 +33,49 @@ def test_cpu_waits_for_every_step():
   # On XLA:CPU each queued step holds its own temporaries (RESULTS.md: 3.6x the memory).
   assert jax.default_backend() == "cpu"
   assert cpu_runtime.max_steps_in_flight() == 0
+
+
+def _normal(seed, *shape):
+  import numpy as np
+
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+DENSE = lambda ndim: (((ndim - 1,), (0,)), ((), ()))
+
+
+@pytest.mark.parametrize("x_shape", [(7, 12), (3, 5, 12), (2, 3, 4, 12)])
+def test_dense_product_values_and_gradients_are_dot_generals(x_shape):
+  import numpy as np
+
+  x, w = _normal(0, *x_shape), _normal(1, 12, 9)
+  cotangent = _normal(2, *x_shape[:-1], 9)
+  loss = lambda dot: lambda x, w: jnp.sum(dot(x, w, DENSE(x.ndim)) * cotangent)
+  got = jax.jit(jax.value_and_grad(loss(cpu_runtime.dense_dot_general), argnums=(0, 1)))(x, w)
+  want = jax.jit(jax.value_and_grad(loss(jax.lax.dot_general), argnums=(0, 1)))(x, w)
+  for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(g, v, rtol=1e-5, atol=1e-5)
+
+
+def _uses_the_cpu_form(fn, *args) -> bool:
+  return "custom_vjp" in str(jax.make_jaxpr(jax.grad(fn))(*args))
+
+
+def test_dense_layers_take_the_cpu_form_on_the_cpu_only(monkeypatch):
+  from diffvit_jax.models.vit import MlpBlock
+
+  block, x = MlpBlock(8), _normal(0, 2, 3, 4)
+  params = block.init(jax.random.PRNGKey(0), x)
+  loss = lambda p: block.apply(p, x).sum()
+  assert _uses_the_cpu_form(loss, params)
+  assert cpu_runtime.describe()["dense_weight_gradient"] == "from transposed x"
+  monkeypatch.setattr(cpu_runtime, "plain_weight_gradients", lambda: False)
+  assert not _uses_the_cpu_form(loss, params)  # e.g. on a GPU: autodiff's own product
+  assert cpu_runtime.describe()["dense_weight_gradient"] == "autodiff"
+
+
+def test_other_contractions_are_left_to_dot_general():
+  a, b = _normal(0, 2, 6, 8), _normal(1, 2, 8, 4)
+  batched = (((2,), (1,)), ((0,), (0,)))  # not a Dense product
+  loss = lambda b: jnp.sum(cpu_runtime.dense_dot_general(a, b, batched))
+  assert not _uses_the_cpu_form(loss, b)

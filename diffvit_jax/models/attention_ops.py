@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffvit_jax import cpu_runtime
+
 Dtype = Any
 
 
@@ -32,7 +34,8 @@ def projection(features: int, *, use_bias: bool, dtype: Dtype, name: str) -> nn.
   """A Dense with float32 params, xavier-uniform kernel and zero bias (as timm's 'jax' init)."""
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                   kernel_init=nn.initializers.xavier_uniform(),
-                  bias_init=nn.initializers.zeros, name=name)
+                  bias_init=nn.initializers.zeros, dot_general=cpu_runtime.dense_dot_general,
+                  name=name)
 
 
 def einsum_probs(query: jax.Array, key: jax.Array, scale: float) -> jax.Array:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffvit_jax import cpu_runtime
 from diffvit_jax.errors import ConfigError
 from diffvit_jax.models import posemb, registry
 from diffvit_jax.models.dropout import Dropout
@@ -50,7 +51,7 @@ class MlpBlock(nn.Module):
     dense = lambda features, name: nn.Dense(
         features, dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
-        name=name)
+        dot_general=cpu_runtime.dense_dot_general, name=name)
     width = x.shape[-1]
     x = dense(self.mlp_dim, "fc1")(x)
     x = nn.gelu(x, approximate=False)
