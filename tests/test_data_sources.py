@@ -25,6 +25,21 @@ def test_digits_split_is_fixed_and_stratified():
   assert example["image"].max() > 200  # 0..16 stretched to 0..255.
 
 
+def test_digits_are_upsampled_once_and_pickled_without_them():
+  import pickle
+
+  from PIL import Image
+
+  source = digits.DigitsSource("train", 12)
+  gray = digits._split_arrays()["train"][0][5]
+  expected = np.asarray(Image.fromarray(gray).resize((12, 12), Image.BILINEAR).convert("RGB"))
+  np.testing.assert_array_equal(source[5]["image"], expected)
+  assert not source[5]["image"].flags.writeable  # a shared view: no transform may write to it
+  copy = pickle.loads(pickle.dumps(source))  # as grain sends it to a worker process
+  assert copy._images is None
+  np.testing.assert_array_equal(copy[5]["image"], expected)
+
+
 def test_digits_pipeline_runs_with_the_quickstart_settings():
   data = config_lib.data_config(source="digits", image_size=16, crop="pad_crop",
                                 mean=(0.5,) * 3, std=(0.5,) * 3)

@@ -7,6 +7,7 @@ bilinearly to the model's input size.
 """
 
 import functools
+import threading
 
 import numpy as np
 from PIL import Image
@@ -34,7 +35,8 @@ def _split_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 class DigitsSource:
-  """One split, upsampled on access (the 8x8 originals are what gets pickled to workers)."""
+  """One split, upsampled once per process on first access (the 8x8 originals are what gets
+  pickled to workers); an example is then a read-only view, no per-example PIL call."""
 
   class_names = CLASS_NAMES
 
@@ -44,11 +46,27 @@ class DigitsSource:
                       "data.train_split / data.eval_split accordingly.")
     self._pixels, self._labels = _split_arrays()[split]
     self._image_size = image_size
+    self._images = None
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    return {**self.__dict__, "_images": None, "_lock": None}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
+
+  def _upsampled(self) -> np.ndarray:
+    with self._lock:  # grain's reader threads arrive together at the first batch
+      if self._images is None:
+        size = (self._image_size, self._image_size)
+        images = np.stack([np.asarray(Image.fromarray(gray).resize(size, Image.BILINEAR)
+                                      .convert("RGB")) for gray in self._pixels])
+        images.flags.writeable = False
+        self._images = images
+    return self._images
 
   def __len__(self) -> int:
     return len(self._labels)
 
   def __getitem__(self, index: int) -> dict:
-    gray = Image.fromarray(self._pixels[index]).resize(
-        (self._image_size, self._image_size), Image.BILINEAR)
-    return {"image": np.asarray(gray.convert("RGB")), "label": int(self._labels[index])}
+    return {"image": self._upsampled()[index], "label": int(self._labels[index])}
