@@ -101,3 +101,27 @@ def test_compare_timm_times_both_frameworks_on_the_digits_model():
   assert set(rows[0]["ms"]) == {"vit/jax", "vit/torch", "diffvit/jax", "diffvit/torch"}
   assert all(ms > 0 for ms in rows[0]["ms"].values())
   assert rows[0]["vit_jax_over_torch"] > 0 and rows[0]["diffvit_over_vit_jax"] > 0
+
+
+def _run_script(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+def test_cpu_dense_ab_times_both_variants():
+  rows = last_json(_run_script("benchmarks/cpu_dense_ab.py", "--digits=8", "--archs=vit",
+                               "--batch=8", "--steps=1", "--rounds=2"))
+  assert [row["case"] for row in rows] == ["vit digits 8x8"]
+  assert set(rows[0]["wall_ms"]) == {"cpu form", "autodiff"}
+  assert all(ms > 0 for ms in rows[0]["wall_ms"].values())
+  assert rows[0]["cpu_form_over_autodiff"] > 0
+
+
+def test_attention_layer_times_every_path_and_part():
+  run = _run_script("benchmarks/attention_layer.py", "--shape=2,16,2,8", "--repeats=1",
+                    "--parts")
+  assert run.returncode == 0, run.stderr[-3000:]
+  for line in ("jax einsum", "jax xla", "torch sdpa", "jax p^T do", "torch p k"):
+    assert line in run.stdout, line
