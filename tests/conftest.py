@@ -1,6 +1,6 @@
 """Session-wide test settings.
 
-Most of the suite's time is XLA compiling the same few digits programs again in
+Much of the suite's time is XLA compiling the same few digits programs again in
 every process that trains one (the subprocess runs of `diffvit_jax.main`, the
 multi-process runs, the GPU check's dry run). JAX's persistent compilation cache,
 in one directory for the whole session (xdist workers and the processes they start
