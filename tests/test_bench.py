@@ -15,12 +15,15 @@ FIELDS = ("arch", "params", "gflops_per_image", "batch", "images_per_sec", "step
           "device_kind", "num_devices", "dtype", "mfu")
 
 
-def run_bench(*args):
+def run_python(*args, timeout=300):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   env.pop("XLA_FLAGS", None)  # one CPU device, whatever the calling test session simulates
-  return subprocess.run([sys.executable, "-m", "diffvit_jax.tools.bench", *args], cwd=REPO,
-                        env=env,
-                        capture_output=True, text=True, timeout=120)
+  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def run_bench(*args):
+  return run_python("-m", "diffvit_jax.tools.bench", *args, timeout=120)
 
 
 def last_json(run):
@@ -90,28 +93,16 @@ def test_cpu_defaults_only_on_the_cpu(monkeypatch):
 
 def test_compare_timm_times_both_frameworks_on_the_digits_model():
   # The JAX-vs-timm benchmark builds its steps from the same code as training: it must run.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  env.pop("XLA_FLAGS", None)
-  run = subprocess.run(
-      [sys.executable, "benchmarks/compare_timm.py", "--protocols=", "--digits=8", "--batch=8",
-       "--rounds=1", "--steps=1", "--warmup=1"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  rows = last_json(run)
+  rows = last_json(run_python("benchmarks/compare_timm.py", "--protocols=", "--digits=8",
+                              "--batch=8", "--rounds=1", "--steps=1", "--warmup=1"))
   assert [row["case"] for row in rows] == ["digits 8x8"]
   assert set(rows[0]["ms"]) == {"vit/jax", "vit/torch", "diffvit/jax", "diffvit/torch"}
   assert all(ms > 0 for ms in rows[0]["ms"].values())
   assert rows[0]["vit_jax_over_torch"] > 0 and rows[0]["diffvit_over_vit_jax"] > 0
 
 
-def _run_script(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=300)
-
-
 def test_cpu_dense_ab_times_both_variants():
-  rows = last_json(_run_script("benchmarks/cpu_dense_ab.py", "--digits=8", "--archs=vit",
+  rows = last_json(run_python("benchmarks/cpu_dense_ab.py", "--digits=8", "--archs=vit",
                                "--batch=8", "--steps=1", "--rounds=2"))
   assert [row["case"] for row in rows] == ["vit digits 8x8"]
   assert set(rows[0]["wall_ms"]) == {"cpu form", "autodiff"}
@@ -120,7 +111,7 @@ def test_cpu_dense_ab_times_both_variants():
 
 
 def test_attention_layer_times_every_path_and_part():
-  run = _run_script("benchmarks/attention_layer.py", "--shape=2,16,2,8", "--repeats=1",
+  run = run_python("benchmarks/attention_layer.py", "--shape=2,16,2,8", "--repeats=1",
                     "--parts")
   assert run.returncode == 0, run.stderr[-3000:]
   for line in ("jax einsum", "jax xla", "torch sdpa", "jax p^T do", "torch p k"):
