@@ -56,6 +56,8 @@ class DigitsSource:
     self.__dict__.update(state, _lock=threading.Lock())
 
   def _upsampled(self) -> np.ndarray:
+    if self._images is not None:  # every example after the first: no lock on the hot path
+      return self._images
     with self._lock:  # grain's reader threads arrive together at the first batch
       if self._images is None:
         size = (self._image_size, self._image_size)
