@@ -57,3 +57,6 @@ def test_digits_run_learns_logs_checkpoints_and_resumes(tmp_path):
   assert "250 steps of global batch 128" in second.stderr
   assert "warmup 50 steps" in second.stderr and "peak learning rate 0.005" in second.stderr
   assert np.isfinite(info["final_eval"]["loss"])
+  # What of the CPU runtime ran is part of the run's record, like the attention path.
+  assert info["cpu_runtime"]["dense_weight_gradient"] == "from transposed x"
+  assert info["cpu_runtime"]["max_steps_in_flight"] == 0

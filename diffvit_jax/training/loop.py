@@ -137,7 +137,7 @@ def setup(config, workdir: str) -> Run:
   trainer = trainer_lib.build(config, mesh, recipe.total_steps, num_train_examples=info.num_train)
   logging.info("Attention: %s (config.model.attention_impl=%r; %s).", trainer.attention.impl,
                trainer.attention.requested, trainer.attention.reason)
-  logging.info("CPU runtime: %s.", cpu_runtime.describe())
+  logging.info("CPU runtime: %s.", trainer.cpu_runtime)
   return Run(trainer=trainer, info=info, ckpt=checkpointing.Checkpointer(workdir, config),
              recipe=recipe)
 
@@ -184,7 +184,7 @@ def _train_and_evaluate(config, workdir: str, guard: PreemptionGuard) -> dict:
       batch_size=config.train.batch_size,
       num_train=info.num_train, num_eval=info.num_eval,
       **run.recipe.as_dict(),
-      attention=run.trainer.attention.as_dict(), cpu_runtime=cpu_runtime.describe(),
+      attention=run.trainer.attention.as_dict(), cpu_runtime=run.trainer.cpu_runtime,
       config=json.loads(config.to_json_best_effort()))
   run_info.setdefault("train_seconds", 0.0)
   if is_chief:  # Now, not at the first save: the tools read the run's config from here.

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffvit_jax import models
+from diffvit_jax import cpu_runtime, models
 from diffvit_jax.models import attention_impl
 from diffvit_jax.training import optim, steps
 
@@ -19,6 +19,7 @@ from diffvit_jax.training import optim, steps
 class Trainer:
   mesh: Mesh
   attention: attention_impl.Resolved  # the attention path that runs (run_info 'attention')
+  cpu_runtime: dict  # what of cpu_runtime applies to these steps (run_info 'cpu_runtime')
   model: models.ViT
   total_steps: int
   state: steps.TrainState
@@ -41,5 +42,6 @@ def build(config, mesh: Mesh, total_steps: int, *,
       out_shardings=replicated)(jax.random.PRNGKey(config.train.seed))
   train_step, eval_step = steps.jit_steps(config, mesh, total_steps,
                                           num_train_examples=num_train_examples)
-  return Trainer(mesh=mesh, attention=attention, model=model, total_steps=total_steps,
-                 state=state, train_step=train_step, eval_step=eval_step)
+  return Trainer(mesh=mesh, attention=attention, cpu_runtime=cpu_runtime.describe(), model=model,
+                 total_steps=total_steps, state=state, train_step=train_step,
+                 eval_step=eval_step)
