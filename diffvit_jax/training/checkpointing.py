@@ -6,9 +6,10 @@ predict, attention maps) take `--workdir` alone.
 
 Orbax writes each checkpoint to a temporary directory and renames it when
 complete, so a save killed half-way is never listed and never loaded. The
-model part of the config is stored beside the state; a workdir whose
-checkpoints belong to another model is refused with the difference named,
-instead of being loaded into the wrong shapes.
+run's identity (model, training data and recipe: `resume_identity`) is stored
+beside the state; a workdir whose checkpoints belong to another model, seed,
+batch or recipe is refused with the differences named, instead of being
+loaded into the wrong shapes or continued as a run that never was.
 """
 
 import json
@@ -32,9 +33,39 @@ IDENTITY_FIELDS = {
 }
 
 
+# Fields that may change when a run resumes without changing what it computes: how it is
+# split into microbatches and rematerialised, the attention path (equal math), how often it
+# logs, evaluates and saves, the evaluation's batch, what it does on a non-finite step (the
+# fix a divergence error suggests), and how long it trains (extending a finished run).
+# Everything else of `train`, the model and the training data is the resume identity.
+RESUME_EXEMPT = {
+    "model": ("remat", "attention_impl", "attention_chunk_mib"),
+    "data": ("dir", "manual_dir", "num_workers", "read_threads", "prefetch", "eval_split",
+             "eval_corruption", "eval_severity", "corruption_jpeg", "on_bad_image"),
+    "train": ("microbatches", "device_memory_gib", "log_every", "eval_every",
+              "checkpoint_every", "keep_checkpoints", "profile", "stop_check_every",
+              "eval_batch_size", "on_nonfinite", "distributed", "steps", "num_epochs"),
+}
+
+
 def run_identity(config) -> dict[str, Any]:
+  """The model and data set fields: what a tool that reads a run must agree with."""
   return {f"{section}.{name}": config[section][name]
           for section, names in IDENTITY_FIELDS.items() for name in names}
+
+
+def _jsonable(value):
+  return list(value) if isinstance(value, tuple) else value
+
+
+def resume_identity(config) -> dict[str, Any]:
+  """What a resumed run must share with its checkpoints: every field but `RESUME_EXEMPT`."""
+  identity = {}
+  for section in ("model", "data", "train"):
+    for name, value in config[section].items():
+      if name not in RESUME_EXEMPT[section]:
+        identity[f"{section}.{name}"] = _jsonable(value)
+  return identity
 
 
 def identity_differences(config, run_config) -> list[str]:
@@ -149,7 +180,7 @@ class Checkpointer:
   """Latest-K checkpoints in `<workdir>/checkpoints`, the best one in `<workdir>/best`."""
 
   def __init__(self, workdir: str, config):
-    self._identity = run_identity(config)
+    self._identity = resume_identity(config)
     self._config_json = config.to_json_best_effort()
     root = os.path.abspath(workdir)
     self.latest = ocp.CheckpointManager(
@@ -167,15 +198,32 @@ class Checkpointer:
     return self.latest.latest_step()
 
   def _check_identity(self, manager, step):
+    """CheckpointError naming each identity field where the checkpoint and config differ.
+
+    A field the checkpoint's identity lacks (saved by older code) is read from
+    the config saved with it, and not compared where that lacks it too.
+    """
     saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     saved_identity = saved.get("identity", {})
-    diffs = [f"{k}: checkpoint has {saved_identity.get(k)!r}, config has {v!r}"
-             for k, v in self._identity.items() if saved_identity.get(k) != v]
+    saved_config = saved.get("config") or {}
+    diffs = []
+    for key, value in self._identity.items():
+      if key in saved_identity:
+        theirs = saved_identity[key]
+      else:
+        section, name = key.split(".", 1)
+        if name not in saved_config.get(section, {}):
+          continue
+        theirs = _jsonable(saved_config[section][name])
+      if theirs != value:
+        diffs.append(f"{key}: checkpoint has {theirs!r}, config has {value!r}")
     if diffs:
       raise CheckpointError(
           f"The checkpoints in {manager.directory} belong to a different run "
-          f"({'; '.join(diffs)}). Refusing to load them into this model. Use a new --workdir, "
-          "or restore the original config to resume that run.")
+          f"({'; '.join(diffs)}). Refusing to resume from them: a run continues with the "
+          "model, data and training recipe (seed, batch, optimiser, schedule, augmentation) "
+          "it started with, so that its result is that of one uninterrupted run. Use a new "
+          "--workdir for the new config, or restore the original config to resume that run.")
 
   def save(self, step: int, state, iterator_state, train_metrics) -> None:
     self.latest.save(step, args=ocp.args.Composite(
