@@ -57,6 +57,16 @@ def test_differential_xla_form_matches_the_formula():
                value_and_grads(plain_differential, (q, k, v, lam), cotangent))
 
 
+@pytest.mark.parametrize("implementation", ["xla", None])
+def test_differential_cudnn_form_matches_the_formula(implementation):
+  # The cuDNN form (q/k zero-padded to 2d, one call) run by jax's XLA attention on the CPU.
+  q, k, v = normal(0, 2, 17, 4, 8), normal(1, 2, 17, 4, 8), normal(2, 2, 17, 2, 16)
+  lam, cotangent = jnp.float32(0.37), normal(3, 2, 17, 2, 16)
+  form = lambda *a: differential.differential_cudnn(*a, SCALE, implementation=implementation)
+  assert_close(value_and_grads(form, (q, k, v, lam), cotangent),
+               value_and_grads(plain_differential, (q, k, v, lam), cotangent), tol=1e-5)
+
+
 def test_batch_chunks_change_nothing():
   q, k, v, cotangent = (normal(i, 6, 9, 4, 8) for i in range(4))
   attend = lambda chunk_bytes: lambda *a: attention_ops.xla_attention(

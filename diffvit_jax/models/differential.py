@@ -1,4 +1,9 @@
-"""Differential attention (arXiv 2410.05258), as timm's `DiffAttention`."""
+"""Differential attention (arXiv 2410.05258), as timm's `DiffAttention`.
+
+On cuDNN it runs as one call with q/k zero-padded from d to v's head size 2d, so each
+softmax is computed once (the public API has no v heads larger than q's); checked against
+the formula with the same call on XLA (tests/test_attention_forms.py).
+"""
 
 import functools
 import math
@@ -8,12 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffvit_jax.models.attention_ops import (
-    batch_chunked,
-    cudnn_attention,
-    einsum_probs,
-    projection,
-)
+from diffvit_jax.models.attention_ops import batch_chunked, einsum_probs, projection
 from diffvit_jax.models.dropout import Dropout
 from diffvit_jax.models.norms import HEAD_NORM_EPS, make_norm
 
@@ -103,7 +103,7 @@ _differential_flash_xla.defvjp(_differential_fwd, _differential_bwd)
 def differential_xla(query, key, value, lam, scale: float, *, chunk_bytes: int) -> jax.Array:
   """The 'xla' form: (A1 - lam A2) v formed before one value product, batch-chunked.
 
-  Half the probability-value work of `differential_split_v`; float32 [B,T,H,2d].
+  Half the probability-value work of `differential_cudnn`; float32 [B,T,H,2d].
   """
   _, tokens, heads, _ = query.shape
   core = lambda q, k, v: _differential_flash_xla(q, k, v, lam, scale)
@@ -111,19 +111,21 @@ def differential_xla(query, key, value, lam, scale: float, *, chunk_bytes: int) 
                        chunk_bytes=chunk_bytes)
 
 
-def differential_split_v(query, key, value, lam, scale: float) -> jax.Array:
-  """The 'cudnn' form: two cuDNN calls at head size d, one per half of v; float32 [B,T,H,2d].
+def differential_cudnn(query, key, value, lam, scale: float, *,
+                       implementation: str | None = "cudnn") -> jax.Array:
+  """The 'cudnn' form: one fused call at head size 2d, one softmax per head; float32 [B,T,H,2d].
 
-  cuDNN's flash attention needs equal q/k/v head sizes. query/key [B,T,2H,d],
-  value [B,T,H,2d]; each call takes one half of v, repeated for heads 2h and
-  2h+1, so its head 2h gives A1 v_half[h] and head 2h+1 gives A2 v_half[h].
+  `jax.nn.dot_product_attention` needs v heads of q's size, and v's (2d) are twice q's (d):
+  q and k [B,T,2H,d] are zero-padded to 2d (q.k unchanged, so `scale` is passed as given)
+  and v [B,T,H,2d] is repeated for heads 2h, 2h+1, so head 2h gives A1 v[h] and head 2h+1
+  A2 v[h]. `implementation='xla'` runs the same form off the GPU (the tests).
   """
   batch, tokens, pairs, twice_d = value.shape
-  halves = []
-  for half in (value[..., :twice_d // 2], value[..., twice_d // 2:]):
-    both = cudnn_attention(query, key, jnp.repeat(half, 2, axis=2), scale)
-    halves.append(both.reshape(batch, tokens, pairs, 2, twice_d // 2))
-  both = jnp.concatenate(halves, axis=-1).astype(jnp.float32)
+  pad = [(0, 0)] * 3 + [(0, twice_d - query.shape[-1])]
+  both = jax.nn.dot_product_attention(
+      jnp.pad(query, pad), jnp.pad(key, pad), jnp.repeat(value, 2, axis=2), scale=scale,
+      implementation=implementation)
+  both = both.reshape(batch, tokens, pairs, 2, twice_d).astype(jnp.float32)
   return both[..., 0, :] - lam * both[..., 1, :]
 
 
@@ -178,7 +180,7 @@ class DifferentialAttention(nn.Module):
     elif self.impl == "xla":
       out = differential_xla(q, k, v, lam, scale, chunk_bytes=self.chunk_bytes)
     elif self.impl == "cudnn":
-      out = differential_split_v(q, k, v, lam, scale)
+      out = differential_cudnn(q, k, v, lam, scale)
     else:
       raise ValueError(f"Unresolved attention impl {self.impl!r}.")
 

@@ -50,8 +50,8 @@ ARCHS: dict[str, AttentionKind] = {
         label="DiffViT", module=DifferentialAttention, differential=True,
         layer_fields=lambda m, layer: dict(layer=layer, head_norm=m.diff_head_norm),
         qk_width_factor=1, lambda_per_layer=differential.lambda_per_layer,
-        # cuDNN runs it as two calls at head size d (`differential_split_v`).
-        fused_head_dims=lambda m: (_classic_head(m), _classic_head(m)),
+        # cuDNN sees q/k zero-padded to v's head size 2d (`differential_cudnn`).
+        fused_head_dims=lambda m: (2 * _classic_head(m), 2 * _classic_head(m)),
         color="tab:red", timm_attn_layer="diff"),
     "diffvit2": AttentionKind(
         label="DiffViT-v2", module=DifferentialAttentionV2, differential=True,
