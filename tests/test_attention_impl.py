@@ -1,5 +1,6 @@
 """`config.model.attention_impl`: the resolution rules, and clear errors for impossible paths."""
 
+import jax
 import pytest
 
 from diffvit_jax import config_lib
@@ -54,6 +55,47 @@ def test_cudnn_that_cannot_run_is_a_config_error(backend, overrides, why):
   with pytest.raises(ConfigError, match=why) as error:
     attention_impl.resolve(model(attention_impl="cudnn", **overrides), backend)
   assert "attention_impl='cudnn' cannot run here" in str(error.value)
+
+
+CUDA = lambda major, minor: attention_impl.DeviceInfo("gpu", "cuda", (major, minor))
+
+
+@pytest.mark.parametrize("device, impl, why", [
+    (CUDA(9, 0), "cudnn", "cuDNN can run"),
+    (CUDA(8, 0), "cudnn", "cuDNN can run"),
+    (CUDA(7, 5), "xla", "compute capability 8.0 or more (Ampere or newer); this one is 7.5"),
+    (attention_impl.DeviceInfo("gpu", "rocm"), "xla", "this GPU is 'rocm'"),
+    (attention_impl.DeviceInfo("cpu"), "xla", "JAX's backend here is 'cpu'"),
+])
+def test_auto_reads_the_device(device, impl, why):
+  resolved = attention_impl.resolve(model(dtype="bfloat16"), device=device)
+  assert (resolved.impl, resolved.backend) == (impl, device.platform)
+  assert why in resolved.reason
+
+
+def test_cudnn_on_a_pre_ampere_gpu_is_a_config_error():
+  with pytest.raises(ConfigError, match="compute capability 8.0 or more.*this one is 7.5"):
+    attention_impl.resolve(model(attention_impl="cudnn", dtype="bfloat16"), device=CUDA(7, 5))
+
+
+class _FakeClient:
+  def __init__(self, platform_version):
+    self.platform_version = platform_version
+
+
+class _FakeDevice:
+  def __init__(self, platform, platform_version, **attributes):
+    self.platform, self.client = platform, _FakeClient(platform_version)
+    self.__dict__.update(attributes)
+
+
+def test_device_info_of_a_jax_device():
+  # JAX's own cuDNN checks tell CUDA from ROCm by the client's platform_version.
+  of = attention_impl.DeviceInfo.of
+  assert of(_FakeDevice("gpu", "cuda 12080", compute_capability="8.6")) == CUDA(8, 6)
+  assert of(_FakeDevice("gpu", "rocm 60300", compute_capability="gfx90a")) == (
+      attention_impl.DeviceInfo("gpu", "rocm"))
+  assert of(jax.devices("cpu")[0]) == attention_impl.DeviceInfo("cpu")
 
 
 def test_explicit_paths():
