@@ -2,6 +2,9 @@
 # Set-up and the named jobs. Every job creates/reuses .venv first (idempotent).
 #
 #   ./launch.sh setup                      create/refresh .venv (runtime deps)
+#   ./launch.sh setup gpu                  the same plus the CUDA 12 jaxlib of the installed jax
+#                                          (done by every job when nvidia-smi sees a GPU; use it
+#                                          where none is visible: login nodes, container builds)
 #   ./launch.sh quickstart                 ViT and DiffViT on the embedded digits data (CPU, minutes)
 #   ./launch.sh test                       the test suite (installs the test extra: pytest, torch, timm)
 #   ./launch.sh tiny_imagenet [protocol] [sizes] [seeds]
@@ -30,8 +33,9 @@ cd "$(dirname "$0")"
 VENV=.venv
 PY="$VENV/bin/python"
 
-setup() {  # setup [extra]: install the package (and an extra) once per pyproject.toml version
-  local extra="${1:-}"
+setup() {  # setup [extra|gpu]: install the package (and an extra) once per pyproject.toml version
+  local extra="${1:-}" gpu=""
+  if [ "$extra" = gpu ]; then extra="" gpu=1; elif [ "$(num_gpus)" -gt 0 ]; then gpu=1; fi
   if [ ! -x "$PY" ]; then
     "${PYTHON:-python3}" -m venv "$VENV"
     "$PY" -m pip install -q --upgrade pip
@@ -40,11 +44,34 @@ setup() {  # setup [extra]: install the package (and an extra) once per pyprojec
   if [ ! -f "$stamp" ]; then
     echo "== installing diffvit_jax${extra:+[$extra]} into $VENV"
     "$PY" -m pip install -q -e ".${extra:+[$extra]}"
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-      "$PY" -m pip install -q -U "jax[cuda12]"  # GPU build of jaxlib on GPU machines
-    fi
     touch "$stamp"
   fi
+  if [ -n "$gpu" ]; then
+    # The CUDA plugin of the very jax version installed (never -U, which takes the newest
+    # jax); its own stamp, so a venv first made CPU-only gets it when run again on a GPU node.
+    local jax_version
+    jax_version=$("$PY" -c 'import importlib.metadata as m; print(m.version("jax"))')
+    if [ ! -f "$VENV/.cuda12-jax-$jax_version" ]; then
+      echo "== installing the CUDA 12 build of jaxlib for jax $jax_version into $VENV"
+      "$PY" -m pip install -q "jax[cuda12]==$jax_version"
+      touch "$VENV/.cuda12-jax-$jax_version"
+    fi
+  fi
+}
+
+require_cuda() {  # jobs that expect a GPU run on it (JAX_PLATFORMS=cuda) or stop saying why
+  if [ -n "${JAX_PLATFORMS:-}" ]; then return 0; fi  # the user chose the platforms
+  local err  # checked before JAX_PLATFORMS=cuda is set: JAX's error then names the cause
+  if ! err=$("$PY" -c 'import jax; jax.devices("cuda")' 2>&1); then
+    {
+      echo "error: this job expects an NVIDIA GPU, and JAX in $VENV cannot use one. Rather than"
+      echo "run on the CPU, it stops: install the CUDA build of jaxlib with './launch.sh setup gpu'"
+      echo "(README: GPU set-up) and run it again; if it is installed, JAX says what else is wrong:"
+      echo "  $(tail -n 1 <<<"$err")"
+    } >&2
+    exit 1
+  fi
+  export JAX_PLATFORMS=cuda
 }
 
 train() {  # train CONFIG WORKDIR [flags...]
@@ -94,6 +121,7 @@ tiny_imagenet() {
   local protocol="${1:-v2}" sizes="${2:-10m 20m 30m}" seeds="${3:-0}"
   local gpus jobs=() pids=() i=0 data_dir="${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}"
   gpus=$(num_gpus)
+  if [ "$gpus" -gt 0 ]; then require_cuda; fi
   # Download (or take from $data_dir/downloads/manual) and build once; a no-op when built.
   "$PY" -m diffvit_jax.data.prepare tiny_imagenet --data_dir "$data_dir"
   for size in $sizes; do
@@ -136,6 +164,7 @@ report() {
 
 gpu_check() {
   setup
+  case " $* " in *" --dry_run "* | *" --dry_run=true "*) ;; *) require_cuda ;; esac
   "$PY" -m diffvit_jax.tools.gpu_check "$@"
 }
 
