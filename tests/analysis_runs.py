@@ -11,6 +11,8 @@ import importlib.util
 import os
 import shutil
 
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = ("vit", "diffvit")
 SEEDS = (0, 1)
@@ -75,13 +77,16 @@ def rising_evals(final_top1: float, steps=(200, 400, 600, 800, 1000)) -> dict[in
 
 def write_synthetic_run(workdir, *, name: str, arch: str, params: int, seed: int,
                         evals: dict[int, dict], depth: int = 2, protocol: str = "v2",
-                        config: dict | None = None) -> str:
-  """A finished run's files without training: run_info.json and CLU events.
+                        config: dict | None = None, total_steps: int | None = None,
+                        correct=None) -> str:
+  """A run's files without training: run_info.json, CLU events, optionally per_example.npz.
 
   `evals` ({step: {'top1', 'top5', 'loss'}}) are the validation evaluations
   written as `eval/*`; train loss, throughput and (for differential archs)
   lambda per layer are made-up curves. `config` is the run_info.json config
-  (default: a partial one that gives the depth and image size only).
+  (default: a partial one that gives the depth and image size only). The run
+  is finished unless `total_steps` is beyond its last evaluation. `correct`
+  (booleans, one per validation image) is written as its per-example top-1.
   """
   import json
 
@@ -101,11 +106,29 @@ def write_synthetic_run(workdir, *, name: str, arch: str, params: int, seed: int
     writer.write_scalars(step, {f"eval/{key}": value for key, value in evals[step].items()})
   writer.close()
   last = max(evals)
+  total = last if total_steps is None else total_steps
+  config = config or dict(model=dict(depth=depth), data=dict(image_size=96))
+  config = {**config, "model": {**config.get("model", {}), "arch": arch},
+            "train": {**config.get("train", {}), "seed": seed}}
   info = dict(name=name, arch=arch, protocol=protocol, params=params, seed=seed,
               batch_size=512, steps_per_epoch=100_000 / 512, train_seconds=3600.0,
               best_top1=max(e["top1"] for e in evals.values()), final_eval=evals[last],
-              eval_step=last, completed_steps=last,
-              config=config or dict(model=dict(depth=depth), data=dict(image_size=96)))
+              eval_step=last, total_steps=total, config=config)
+  if total == last:
+    info["completed_steps"] = last
   with open(os.path.join(workdir, "run_info.json"), "w") as f:
     json.dump(info, f)
+  if correct is not None:
+    correct = np.asarray(correct, bool)
+    count = len(correct)
+    np.savez(os.path.join(workdir, "per_example.npz"), step=np.int64(last),
+             index=np.arange(count, dtype=np.int32), label=np.arange(count, dtype=np.int32) % 7,
+             top1=correct, top5=correct, loss=np.zeros(count, np.float32))
   return str(workdir)
+
+
+def correct_images(top1: float, images: int, rng) -> np.ndarray:
+  """Booleans over `images` with exactly round(top1 * images) True, in random places."""
+  out = np.zeros(images, bool)
+  out[rng.choice(images, int(round(top1 * images)), replace=False)] = True
+  return out

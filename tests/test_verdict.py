@@ -1,4 +1,4 @@
-"""The verdict: paired t-intervals over seeds, the reading, and which models are compared."""
+"""The verdict: primary endpoint with Holm, TOST, power, per-image evidence, admission."""
 
 import csv
 import math
@@ -6,9 +6,11 @@ import os
 
 import numpy as np
 import pytest
-from analysis_runs import rising_evals, write_synthetic_run
+from analysis_runs import correct_images, digits_config, rising_evals, write_synthetic_run
+from scipy import stats as scipy_stats
 
 from diffvit_jax import config_lib
+from diffvit_jax.errors import DataError
 from diffvit_jax.models import stats
 from diffvit_jax.reporting import events, report, tables, verdict
 from diffvit_jax.reporting import runs as runs_lib
@@ -17,19 +19,6 @@ from diffvit_jax.reporting import runs as runs_lib
 def read_csv(path: str) -> list[dict]:
   with open(path) as f:
     return list(csv.DictReader(f))
-
-
-@pytest.mark.parametrize("df, quantile", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622),
-                                          (30, 2.0423)])
-def test_t_quantile_matches_the_table(df, quantile):
-  # Two-sided 95% critical values of Student's t, as printed in statistics tables.
-  assert verdict.t_quantile(0.975, df) == pytest.approx(quantile, abs=1e-4)
-
-
-def test_t_quantile_one_sided_and_bad_arguments():
-  assert verdict.t_quantile(0.95, 4) == pytest.approx(2.1318, abs=1e-4)
-  with pytest.raises(ValueError):
-    verdict.t_quantile(0.975, 0)
 
 
 def test_paired_interval_by_hand():
@@ -41,39 +30,54 @@ def test_paired_interval_by_hand():
   assert interval.std == pytest.approx(math.sqrt(2.5e-4))
   assert interval.low == pytest.approx(0.02 - 0.01963243, abs=1e-7)
   assert interval.high == pytest.approx(0.02 + 0.01963243, abs=1e-7)
-  assert verdict.reading(interval, "DiffViT") == "DiffViT better (5 seeds)"
-  # Lower is better for a loss: the same interval reads as worse.
-  assert verdict.reading(interval, "DiffViT", higher_is_better=False) == "DiffViT worse (5 seeds)"
+  # t = 2 / sqrt(0.5) = 2.828427 on 4 df.
+  assert verdict.paired_t_p([0.01, 0.03, 0.02, 0.04, 0.00]) == pytest.approx(
+      2 * scipy_stats.t.sf(2.828427, 4), rel=1e-5)
 
 
 def test_few_seeds_give_no_conclusion():
   for differences in ([-0.0222], [0.05, 0.06]):
-    interval = verdict.paired_interval(differences)
-    assert not interval.conclusive
-    assert verdict.reading(interval, "DiffViT").startswith("no conclusion possible")
+    result = verdict.primary(differences)
+    assert not result.interval.conclusive and result.status == "too_few"
+    assert verdict.primary_reading(result, "DiffViT").startswith("no conclusion possible")
 
 
-def _study(tmp_path, offsets: dict[int, float], *, vit_top1=0.6) -> list[str]:
-  """Synthetic ViT and DiffViT runs per seed; DiffViT's final top-1 is the ViT's + offset."""
+IMAGES = 1000  # validation images of the synthetic runs: one image is 0.1 pp
+
+
+def _study(tmp_path, offsets: dict[int, float], *, vit_top1=0.6, size="10m",
+           params=10_130_000) -> list[str]:
+  """Synthetic ViT and DiffViT runs per seed; DiffViT's final top-1 is the ViT's + offset.
+
+  Each run has a per_example.npz whose mean is exactly its final top-1.
+  """
   workdirs = []
+  rng = np.random.default_rng(len(offsets))
   for seed, offset in offsets.items():
     # Seed-to-seed spread shared by both archs (same data order): pairing removes it.
     base = vit_top1 + 0.03 * ((seed * 7) % 5 - 2)
-    for arch, top1, params in (("vit", base, 10_130_000), ("diffvit", base + offset, 10_140_000)):
+    for arch, top1, count in (("vit", base, params), ("diffvit", base + offset, params + 10_000)):
+      correct = correct_images(top1, IMAGES, rng)
+      top1 = float(correct.mean())
       evals = rising_evals(top1)
       evals[1000]["loss"] = 1.5 - top1  # Loss moves with accuracy.
       workdirs.append(write_synthetic_run(
-          tmp_path / "runs" / arch / f"seed{seed}", name=f"{arch}_10m,v2", arch=arch,
-          params=params, seed=seed, evals=evals))
+          tmp_path / "runs" / f"{arch}_{size}" / f"seed{seed}", name=f"{arch}_{size},v2",
+          arch=arch, params=count, seed=seed, evals=evals, correct=correct))
   return workdirs
 
 
-def _report(tmp_path, workdirs) -> tuple[list[dict], str]:
+def _report(tmp_path, workdirs, *flags) -> tuple[list[dict], str]:
   out = str(tmp_path / "report")
-  assert report.main([*workdirs, "--out", out]) == 0
+  assert report.main([*workdirs, "--out", out, *flags]) == 0
   with open(os.path.join(out, "report.md")) as f:
     text = f.read()
   return read_csv(os.path.join(out, "verdict.csv")), text
+
+
+def _primary(rows: list[dict]) -> dict:
+  (row,) = [r for r in rows if r["role"] == "primary"]
+  return row
 
 
 def _verdict_table(text: str) -> str:
@@ -85,37 +89,192 @@ def _verdict_table(text: str) -> str:
 def test_clear_difference_reads_better(tmp_path):
   offsets = {seed: 0.02 + 0.002 * (seed - 2) for seed in range(5)}  # +2 pp, +-0.4 pp
   rows, text = _report(tmp_path, _study(tmp_path, offsets))
-  by_metric = {r["metric"]: r for r in rows}
-  top1 = by_metric["final_top1"]
-  assert int(top1["n_paired"]) == 5
+  top1 = _primary(rows)
+  assert int(top1["n_paired"]) == 5 and top1["metric"] == "final_top1"
   assert float(top1["mean"]) == pytest.approx(0.02, abs=1e-6)
   assert 0 < float(top1["ci_low"]) < 0.02 < float(top1["ci_high"])
-  assert top1["reading"] == "DiffViT better (5 seeds)"
-  # Lower loss for the better model: also "better".
-  assert by_metric["final_loss"]["reading"] == "DiffViT better (5 seeds)"
+  assert float(top1["p_holm"]) == pytest.approx(float(top1["p"]))  # a family of one size
+  assert top1["reading"].startswith("DiffViT better (5 seeds, Holm p = ")
+  # The bootstrap interval adds the image noise: it holds the mean and is wider than the t one.
+  assert float(top1["bootstrap_low"]) < 0.02 < float(top1["bootstrap_high"])
+  assert float(top1["bootstrap_high"]) - float(top1["bootstrap_low"]) > (
+      float(top1["ci_high"]) - float(top1["ci_low"]))
+  assert top1["bootstrap_resamples"] == str(verdict.BOOTSTRAP_RESAMPLES)
+  # Per-seed values of both models, in seed order.
+  vit = [float(v) for v in top1["baseline_values"].split()]
+  diff = [float(v) for v in top1["model_values"].split()]
+  assert np.allclose(np.subtract(diff, vit), [offsets[s] for s in range(5)], atol=1e-9)
+  # Validation loss is secondary: descriptive, never "better".
+  (loss,) = [r for r in rows if r["metric"] == "final_loss"]
+  assert loss["role"] == "secondary"
+  assert loss["reading"] == "descriptive: interval excludes 0 (lower)"
   table = _verdict_table(text)
-  assert "+2.00 pp" in table and "DiffViT better (5 seeds)" in table and "paired t" in table
+  assert "+2.00 pp" in table and "DiffViT better (5 seeds" in table and "Holm" in table
+  assert "primary endpoint is the final validation top-1" in table
+  assert "±1.00 pp" in table and "10000 resamples, random seed 0" in table
+  assert "0: 54.00 → 55.60" in table  # seed 0: ViT 54.00%, DiffViT +1.60 pp
 
 
-def test_noise_around_zero_reads_no_detectable_difference(tmp_path):
-  offsets = {0: 0.01, 1: -0.012, 2: 0.004, 3: -0.006, 4: 0.002}
-  rows, text = _report(tmp_path, _study(tmp_path, offsets))
-  top1 = next(r for r in rows if r["metric"] == "final_top1")
-  assert float(top1["ci_low"]) < 0 < float(top1["ci_high"])
-  assert top1["reading"] == "no detectable difference at 5 seeds"
-  assert "no detectable difference at 5 seeds" in _verdict_table(text)
+def test_noise_around_zero_is_equivalent_within_the_margin_or_inconclusive(tmp_path):
+  offsets = {0: 0.004, 1: -0.005, 2: 0.002, 3: -0.003, 4: 0.001}  # SD 0.37 pp
+  workdirs = _study(tmp_path, offsets)
+  rows, text = _report(tmp_path, workdirs)
+  top1 = _primary(rows)
+  d = np.subtract([float(v) for v in top1["model_values"].split()],
+                  [float(v) for v in top1["baseline_values"].split()])
+  assert d == pytest.approx([offsets[s] for s in range(5)], abs=1e-6)  # float32 events
+  assert float(top1["tost_p"]) == pytest.approx(verdict.tost_p(d, 0.01), rel=1e-5)
+  assert float(top1["tost_p"]) < 0.05 and float(top1["p"]) > 0.05
+  assert top1["reading"].startswith("equivalent within ±1.00 pp (5 seeds, TOST p = ")
+  # A narrower margin than the study can resolve: inconclusive, with both p-values.
+  rows, text = _report(tmp_path, workdirs, "--equivalence_margin=0.2")
+  top1 = _primary(rows)
+  assert float(top1["margin"]) == pytest.approx(0.002)
+  assert top1["reading"].startswith("inconclusive at 5 seeds: no difference (Holm p = ")
+  assert "±0.20 pp" in top1["reading"] and "±0.20 pp" in _verdict_table(text)
+  # The MDE and the seeds needed, from the noncentral t at the observed SD.
+  sd = float(np.std(d, ddof=1))
+  assert float(top1["std"]) == pytest.approx(sd, rel=1e-4)
+  assert verdict.power(float(top1["mde"]), sd, 5) == pytest.approx(0.8, abs=1e-6)
+  needed = int(float(top1["seeds_needed"]))
+  assert verdict.power(0.002, sd, needed) >= 0.8 > verdict.power(0.002, sd, needed - 1)
+
+
+def test_tost_by_hand():
+  # d: mean 0.1 pp, SD 0.2 pp, n 4 -> se 0.1 pp; margin 0.5 pp: t = (0.5 -+ 0.1) / 0.1.
+  d = np.array([0.001, 0.003, -0.001, 0.001])
+  d = 0.001 + (d - d.mean()) * (0.002 / d.std(ddof=1))
+  expected = max(scipy_stats.t.sf(6.0, 3), scipy_stats.t.sf(4.0, 3))
+  assert verdict.tost_p(d, 0.005) == pytest.approx(expected, rel=1e-6)
+
+
+def test_zero_spread_has_no_zero_width_reading(tmp_path):
+  rows, text = _report(tmp_path, _study(tmp_path, {0: 0.003, 1: 0.003, 2: 0.003}))
+  top1 = _primary(rows)
+  assert top1["reading"].startswith("no reading: no spread across the 3 seeds")
+  assert "+0.30 pp" in top1["reading"] and "better" not in top1["reading"]
+  assert top1["ci_low"] == "nan" and top1["p"] == "nan" and top1["mde"] == "nan"
+  assert float(top1["mean"]) == pytest.approx(0.003, abs=1e-6)
+  (loss,) = [r for r in rows if r["metric"] == "final_loss"]
+  assert loss["reading"].startswith("no reading: no spread")
+
+
+def test_non_finite_differences_are_stated():
+  result = verdict.primary([0.01, math.nan, 0.02])
+  assert result.status == "nonfinite" and not result.significant
+  assert verdict.primary_reading(result, "DiffViT") == (
+      "not computed: a per-seed value is not finite")
 
 
 def test_one_seed_prints_no_bare_difference(tmp_path):
-  rows, text = _report(tmp_path, _study(tmp_path, {0: -0.0222}))
+  rows, text = _report(tmp_path, _study(tmp_path, {0: -0.022}))
   for row in rows:
     assert row["reading"].startswith("no conclusion possible: 1 paired seed")
     assert row["mean"] == "nan" and row["ci_low"] == "nan"
   table = _verdict_table(text)
   assert "no conclusion possible" in table
-  assert "2.22" not in text.split("## Results per config")[0]
+  primary_table = table[:table.index("Secondary metrics")]
+  assert "-2.20" not in primary_table and "| 1 | 0: 54.00 → 51.80 | - | - |" in primary_table
   differences = text[text.index("## Differential minus classic"):text.index("## Figures")]
-  assert "2.22" not in differences and "no conclusion" in differences
+  assert "2.20" not in differences and "no conclusion" in differences
+
+
+def test_two_seeds_give_no_conclusion(tmp_path):
+  rows, _ = _report(tmp_path, _study(tmp_path, {0: 0.05, 1: 0.06}))
+  assert _primary(rows)["reading"] == "no conclusion possible: 2 paired seeds (at least 3 needed)"
+
+
+def test_holm_by_hand():
+  # Sorted 0.01, 0.03, 0.04: 3 x 0.01 = 0.03, 2 x 0.03 = 0.06, max(0.06, 1 x 0.04) = 0.06.
+  assert verdict.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+  assert verdict.holm([0.2, 0.01, 0.5]) == pytest.approx([0.4, 0.03, 0.5])
+  # A comparison without a p stays in the family (as p = 1) and gets none.
+  adjusted = verdict.holm([0.01, math.nan, 0.02])
+  assert adjusted[0] == pytest.approx(0.03) and adjusted[2] == pytest.approx(0.04)
+  assert math.isnan(adjusted[1])
+
+
+def test_holm_across_three_sizes_of_a_protocol(tmp_path):
+  workdirs = []
+  for size, params, effect in (("10m", 10_130_000, 0.02), ("20m", 20_200_000, 0.006),
+                               ("30m", 30_300_000, 0.0)):
+    offsets = {s: effect + 0.004 * ((s * 3) % 5 - 2) for s in range(5)}
+    workdirs += _study(tmp_path, offsets, size=size, params=params)
+  rows, text = _report(tmp_path, workdirs)
+  primary = {r["size"]: r for r in rows if r["role"] == "primary"}
+  assert sorted(primary) == ["10m", "20m", "30m"]
+  p = {k: float(r["p"]) for k, r in primary.items()}
+  order = sorted(p, key=p.get)
+  expected, running = {}, 0.0
+  for rank, size in enumerate(order):
+    running = max(running, min(1.0, (3 - rank) * p[size]))
+    expected[size] = running
+  for size, row in primary.items():
+    assert float(row["p_holm"]) == pytest.approx(expected[size], rel=1e-9)
+    assert row["holm_family"] == "3"
+    assert (float(row["p_holm"]) < 0.05) == (row["significant"] == "True")
+  assert primary["10m"]["reading"].startswith("DiffViT better")
+  assert "(of 3)" in _verdict_table(text)
+
+
+def test_mcnemar_is_the_exact_binomial_tail():
+  base = np.array([True] * 12 + [False] * 3 + [True] * 50 + [False] * 35)
+  model = np.array([False] * 12 + [True] * 3 + [True] * 50 + [False] * 35)
+  test = verdict.mcnemar(base, model)
+  assert (test.images, test.model_only, test.baseline_only) == (100, 3, 12)
+  tail = sum(math.comb(15, k) for k in range(4)) / 2 ** 15
+  assert test.p == pytest.approx(2 * tail, rel=1e-12)
+  assert verdict.mcnemar(base, base).p == 1.0
+
+
+def test_per_seed_table_has_mcnemar(tmp_path):
+  out = str(tmp_path / "report")
+  assert report.main([*_study(tmp_path, {0: 0.01, 1: 0.0, 2: -0.01}), "--out", out]) == 0
+  rows = read_csv(os.path.join(out, "per_seed.csv"))
+  assert [int(r["seed"]) for r in rows] == [0, 1, 2]
+  for row in rows:
+    b, c = int(row["model_only"]), int(row["baseline_only"])
+    assert (b - c) / IMAGES == pytest.approx(float(row["difference"]), abs=1e-6)
+    assert float(row["mcnemar_p"]) == pytest.approx(
+        scipy_stats.binomtest(b, b + c, 0.5).pvalue)
+
+
+def test_two_level_bootstrap_is_seeded_and_covers():
+  rng = np.random.default_rng(1)
+
+  def simulated(mean, seeds=8, images=400):
+    pairs = []
+    for effect in rng.normal(mean, 0.01, seeds):  # seed level, then images
+      base = rng.random(images) < 0.6
+      flip = rng.random(images)
+      model = np.where(flip < 0.1 + effect / 2, True, np.where(flip > 0.9 - effect / 2,
+                                                              False, base))
+      pairs.append((base, model))
+    return pairs
+
+  pairs = simulated(0.02)
+  first = verdict.two_level_bootstrap(pairs, resamples=2000, seed=3)
+  assert first == verdict.two_level_bootstrap(pairs, resamples=2000, seed=3)
+  assert first != verdict.two_level_bootstrap(pairs, resamples=2000, seed=4)
+  assert first[0] < first[1]
+  # Coverage sanity: the 95% interval holds the true mean difference most of the time.
+  # E[model - base] = P(flip < 0.1 + e/2)(1 - 0.6) - P(flip > 0.9 - e/2) * 0.6 = e/2 - 0.02 + ...
+  true_mean = (0.1 + 0.01) * 0.4 - (0.1 + 0.01) * 0.6
+  covered = 0
+  for _ in range(100):
+    low, high = verdict.two_level_bootstrap(simulated(0.02), resamples=500,
+                                            seed=int(rng.integers(1 << 30)))
+    covered += low <= true_mean <= high
+  assert 80 <= covered <= 100
+
+
+def test_mde_by_the_normal_approximation():
+  # Large n: MDE -> (z_0.975 + z_0.8) * sd / sqrt(n).
+  sd, n = 0.01, 400
+  z = scipy_stats.norm.ppf(0.975) + scipy_stats.norm.ppf(0.8)
+  assert verdict.min_detectable_effect(sd, n) == pytest.approx(z * sd / math.sqrt(n), rel=0.01)
+  assert verdict.seeds_needed(0.001, sd) == pytest.approx((z * sd / 0.001) ** 2, rel=0.02)
+  assert math.isnan(verdict.min_detectable_effect(0.0, 5))
 
 
 def _fake_group(arch, params, seeds=(0, 1, 2), top1=0.5, model=None):
@@ -204,3 +363,90 @@ def test_cli_takes_run_dirs_and_out_as_flags(tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.startswith("error:") and "outt" in err and "Traceback" not in err
   assert np.isfinite(float(read_csv(os.path.join(out, "runs.csv"))[0]["final_top1"]))
+
+
+# --- Which runs may enter the verdict ----------------------------------------------------------
+
+def _rewrite_info(workdir, **changes):
+  import json
+
+  path = os.path.join(workdir, "run_info.json")
+  with open(path) as f:
+    info = json.load(f)
+  for key, value in changes.items():
+    if key == "config_train":
+      info["config"]["train"].update(value)
+    else:
+      info[key] = value
+  with open(path, "w") as f:
+    json.dump(info, f)
+
+
+def test_unfinished_mismatched_and_nan_runs_are_left_out_with_the_reason(tmp_path):
+  offsets = {seed: 0.02 + 0.002 * (seed - 2) for seed in range(5)}
+  workdirs = _study(tmp_path, offsets)
+  by_name = {os.path.relpath(w, tmp_path / "runs"): w for w in workdirs}
+  _rewrite_info(by_name["diffvit_10m/seed1"], completed_steps=600)  # stopped at 600 of 1000
+  _rewrite_info(by_name["vit_10m/seed2"], config_train={"steps": 500})  # another recipe
+  # Fields that do not change the result may differ.
+  _rewrite_info(by_name["vit_10m/seed3"], config_train={"log_every": 7, "microbatches": 4})
+  nan_run = by_name["diffvit_10m/seed4"]
+  write_synthetic_run(tmp_path / "nan", name="diffvit_10m,v2", arch="diffvit",
+                      params=10_140_000, seed=4,
+                      evals={1000: dict(top1=math.nan, top5=0.5, loss=math.nan)})
+  workdirs[workdirs.index(nan_run)] = str(tmp_path / "nan")
+  rows, text = _report(tmp_path, workdirs)
+  top1 = _primary(rows)
+  assert top1["paired_seeds"] == "0 3"
+  assert top1["reading"].startswith("incomplete: ")
+  assert "better" not in top1["reading"] and top1["significant"] == "False"
+  for seed in (1, 2, 4):
+    assert f"seed {seed} of" in top1["incomplete"]
+  left_out = text[text.index("### Runs left out"):text.index("## Results per config")]
+  assert "unfinished: 600 of 1000 steps" in left_out
+  assert "train.steps: this run has 500" in left_out
+  assert "non-finite final metrics (final_top1, final_loss)" in left_out
+  assert "vit_10m/seed3" not in left_out
+
+
+def test_a_seed_without_its_pair_makes_the_comparison_incomplete(tmp_path):
+  workdirs = _study(tmp_path, {0: 0.02, 1: 0.021, 2: 0.019, 3: 0.02})
+  workdirs = [w for w in workdirs if not w.endswith(os.path.join("diffvit_10m", "seed3"))]
+  rows, _ = _report(tmp_path, workdirs)
+  assert _primary(rows)["reading"].startswith("incomplete: seed 3: no DiffViT run")
+
+
+def test_a_duplicate_seed_is_an_error_naming_both_workdirs(tmp_path, capsys):
+  workdirs = _study(tmp_path, {0: 0.0, 1: 0.01, 2: 0.0})
+  twin = write_synthetic_run(tmp_path / "elsewhere" / "vit", name="vit_10m,v2", arch="vit",
+                             params=10_130_000, seed=1, evals=rising_evals(0.5))
+  assert report.main([*workdirs, twin, "--out", str(tmp_path / "report")]) == 2
+  err = capsys.readouterr().err
+  assert "seed 1" in err and twin in err and os.path.join("vit_10m", "seed1") in err
+  with pytest.raises(DataError, match="have seed 1"):
+    runs_lib.group_runs([runs_lib.load_run(w) for w in [*workdirs, twin]])
+
+
+def test_a_missing_config_field_takes_its_default():
+  old = runs_lib.full_config({"train": {"seed": 3}})
+  assert old["train.seed"] == 3 and old["model.width"] == config_lib.model_config().width
+  assert not runs_lib.config_differences(old, runs_lib.full_config({}))
+
+
+def test_matches_says_whether_a_workdir_holds_the_requested_run(tmp_path):
+  import json
+
+  config = digits_config("vit", 0)
+  saved = json.loads(config.to_json_best_effort())
+  workdir = write_synthetic_run(tmp_path / "run", name=config.name, arch="vit", params=1,
+                                seed=0, evals=rising_evals(0.5, steps=(15, 30)), config=saved)
+  code, line = runs_lib.matches(workdir, config)
+  assert code == runs_lib.MATCHES, line
+  config.train.log_every = 3  # Does not change the result.
+  assert runs_lib.matches(workdir, config)[0] == runs_lib.MATCHES
+  config.train.steps = 500
+  code, line = runs_lib.matches(workdir, config)
+  assert code == runs_lib.OTHER_CONFIG and "train.steps: the run has 30, the request 500" in line
+  assert runs_lib.matches(str(tmp_path / "none"), config)[0] == runs_lib.NOT_FINISHED
+  _rewrite_info(workdir, completed_steps=15)
+  assert runs_lib.matches(workdir, digits_config("vit", 0))[0] == runs_lib.NOT_FINISHED

@@ -5,13 +5,17 @@ r"""Plots and tables from training workdirs.
 
 Reads each run's TensorBoard events (written by CLU), run_info.json and,
 when `--mode eval_corrupted` was run, robustness.json; groups the seeds of each
-config (see `reporting.runs`) and writes into --out:
+config (see `reporting.runs`: only finished runs of matching configs count; the
+report lists the others and why) and writes into --out:
 
   report.md                    the tables below and the figures, in one page, opening
                                with the verdict
   verdict.csv                  per size and protocol, parameter-matched differential minus
-                               classic: final top-1 and val loss, mean over paired seeds,
-                               95% paired t-interval, reading (no difference below 3 seeds)
+                               classic: the primary endpoint (final top-1: paired t, Holm over
+                               the sizes of a protocol, TOST against --equivalence_margin, MDE
+                               and seeds needed, two-level bootstrap, per-seed values, reading)
+                               and the secondary, descriptive val loss
+  per_seed.csv                 per paired seed: both top-1s, discordant images, McNemar's p
   results.{md,csv}             per config: params, training GFLOPs/image, seeds, final
                                top-1/top-5/val loss (the headline), best-on-val top-1 with the
                                top-5 of that evaluation, throughput, wall time
@@ -110,20 +114,58 @@ def _mean_robustness(results: list[dict]) -> dict:
           "corrupted": corrupted}
 
 
-def write_report(workdirs: list[str], out_dir: str) -> dict[str, str]:
-  """Writes every table and figure for `workdirs` into `out_dir`; returns name -> path."""
+def _verdict_intro(margin: float) -> str:
+  return (
+      "The primary endpoint is the final validation top-1, the differential model minus the "
+      "ViT paired by seed; its two-sided paired t-tests over the sizes of a protocol form one "
+      "family, adjusted by Holm's method (a reading of better or worse needs Holm p < "
+      f"{verdict.ALPHA:g}), and the validation loss and every other number are secondary and "
+      "descriptive.\n\n"
+      f"Differences in percentage points of top-1. Equivalence margin ±{100 * margin:.2f} pp "
+      "(`--equivalence_margin`): 'equivalent' when both one-sided tests of TOST reject at "
+      f"{verdict.ALPHA:g}. SD of differences: the sample SD of the per-seed differences; MDE: "
+      f"the difference the paired t-test detects with {100 * verdict.POWER:.0f}% power at "
+      f"{verdict.ALPHA:g} two-sided with these seeds, and seeds for the margin: the paired "
+      "seeds needed to detect the margin so, both from the noncentral t at the observed SD. "
+      "Two-level bootstrap: percentile interval of the mean per-image difference of top-1 "
+      f"correctness, resampling seeds and then images within each seed, "
+      f"{verdict.BOOTSTRAP_RESAMPLES} resamples, random seed {verdict.BOOTSTRAP_SEED}. With "
+      f"fewer than {verdict.MIN_SEEDS} paired seeds no difference is given; with no spread "
+      "across seeds there is no t-interval and no reading; a comparison that lost seeds (a "
+      "run left out below, or one without its pair) reads 'incomplete'.\n")
+
+
+def _left_out_markdown(excluded) -> str:
+  rows = [[f"`{e.run.workdir}`", registry.label(e.run.arch), str(e.run.seed), e.reason]
+          for e in sorted(excluded, key=lambda e: e.run.workdir)]
+  return tables.markdown_table(["workdir", "arch", "seed", "why it is left out"], rows)
+
+
+def write_report(workdirs: list[str], out_dir: str, *,
+                 margin: float = verdict.DEFAULT_EQUIVALENCE_MARGIN) -> dict[str, str]:
+  """Writes every table and figure for `workdirs` into `out_dir`; returns name -> path.
+
+  Only the runs `runs.admit` admits enter the tables and figures; the others
+  are listed with the reason. `margin`: the equivalence margin (top-1 fraction).
+  """
   if not workdirs:
     raise DataError("No run directories given: pass the --workdir of one or more training "
                     "runs (each holds a run_info.json).")
+  if not 0 < margin < 1:
+    raise UserError(f"--equivalence_margin={100 * margin:g} pp: expected a margin in "
+                    "percentage points of top-1 between 0 and 100, e.g. 1.0.")
   os.makedirs(out_dir, exist_ok=True)
-  groups = runs_lib.group_runs([runs_lib.load_run(w) for w in workdirs])
-  if not any(r.scalars for g in groups for r in g.runs):
+  loaded = [runs_lib.load_run(w) for w in workdirs]
+  if not any(r.scalars for r in loaded):
     raise DataError(f"None of {workdirs} has TensorBoard event files: were they written by "
                     "`diffvit_jax.main` (which writes them into the workdir)?")
+  admitted, excluded = runs_lib.admit(loaded)
+  groups = runs_lib.group_runs(admitted)
 
   written = {}
-  comparisons = tables.comparisons(groups)
-  verdict_rows = tables.verdict_rows(comparisons)
+  comparisons = tables.comparisons(groups, excluded)
+  verdict_rows = tables.verdict_rows(comparisons, margin=margin)
+  seed_rows = tables.per_seed_rows(comparisons)
   group_rows = tables.group_rows(groups)
   diff_rows = tables.difference_rows(comparisons)
   unmatched_rows = tables.unmatched_rows(comparisons)
@@ -134,21 +176,22 @@ def write_report(workdirs: list[str], out_dir: str) -> dict[str, str]:
   sections = ["# Results\n"]
   if verdict_rows:
     tables.write_csv(verdict_rows, written.setdefault("verdict.csv", f"{out_dir}/verdict.csv"))
-    verdict_md = tables.verdict_markdown(verdict_rows)
+    tables.write_csv(seed_rows, written.setdefault("per_seed.csv", f"{out_dir}/per_seed.csv"))
     sections += ["## Verdict: differential minus classic attention, parameter-matched\n",
-                 "Per size and protocol: the differential model minus the ViT on the final "
-                 "evaluation (top-1 in percentage points, validation loss), as the mean over "
-                 "seeds of the per-seed difference (runs paired by seed) with its two-sided "
-                 f"{100 * verdict.CONFIDENCE:.0f}% paired t-interval (t quantile with n − 1 "
-                 "degrees of freedom). A reading of better or worse means the interval "
-                 "excludes 0; with fewer than "
-                 f"{verdict.MIN_SEEDS} paired seeds no difference is given: it could not be "
-                 "told apart from seed noise.\n",
-                 verdict_md]
+                 _verdict_intro(margin), tables.verdict_markdown(verdict_rows),
+                 "\nPer seed: both models' final top-1 and, where both runs wrote "
+                 "per_example.npz, the validation images only one of them got right and "
+                 "McNemar's exact p (binomial test of the discordant images, two-sided).\n",
+                 tables.per_seed_markdown(seed_rows)]
   else:
     sections += ["## Verdict\n",
                  "No verdict: these runs hold no parameter-matched pair of a differential and a "
                  "classic model of the same size and protocol.\n"]
+  if excluded:
+    sections += ["\n### Runs left out of every table\n",
+                 "A run counts only when it finished, its final metrics are finite and it ran "
+                 "the config of the runs it is compared with but for the architecture and the "
+                 "seed.\n", _left_out_markdown(excluded)]
   sections += ["\n## Results per config\n",
                "Accuracies in %, mean ± std over seeds (std only with several seeds). Final: "
                "the last evaluation, the headline. Best-on-val: the evaluation with the "
@@ -205,17 +248,21 @@ def write_report(workdirs: list[str], out_dir: str) -> dict[str, str]:
   return written
 
 
-USAGE = "python -m diffvit_jax.reporting.report RUN_DIR... [--out DIR]"
+USAGE = ("python -m diffvit_jax.reporting.report RUN_DIR... [--out DIR] "
+         "[--equivalence_margin PP]")
 
 
-def parse_flags(argv: list[str]) -> tuple[list[str], str]:
-  """(run dirs, output dir) from the command line (without the program name).
+def parse_flags(argv: list[str]) -> tuple[list[str], str, float]:
+  """(run dirs, output dir, equivalence margin as a fraction) from the command line.
 
   A FlagValues of its own, parsed afresh per call: `main` can be called
   several times in one process (tests) without flags kept from an earlier call.
   """
   flag_values = flags.FlagValues()
   flags.DEFINE_string("out", "reports", "Output directory.", flag_values=flag_values)
+  flags.DEFINE_float("equivalence_margin", 100 * verdict.DEFAULT_EQUIVALENCE_MARGIN,
+                     "Equivalence margin of the verdict's TOST, in percentage points of top-1.",
+                     flag_values=flag_values)
   flags.DEFINE_bool("help", False, "Show this help.", flag_values=flag_values)
   try:
     positional = flag_values([USAGE.split()[2], *argv])[1:]
@@ -225,13 +272,13 @@ def parse_flags(argv: list[str]) -> tuple[list[str], str]:
     print(f"Usage: {USAGE}\n\nPlots (PNG, SVG) and tables (Markdown, CSV) from training "
           f"workdirs.\n\n{flag_values.main_module_help() or flag_values}")
     raise SystemExit(0)
-  return positional, flag_values.out
+  return positional, flag_values.out, flag_values.equivalence_margin / 100
 
 
 def main(argv=None) -> int:
   try:
-    workdirs, out = parse_flags(sys.argv[1:] if argv is None else list(argv))
-    written = write_report(workdirs, out)
+    workdirs, out, margin = parse_flags(sys.argv[1:] if argv is None else list(argv))
+    written = write_report(workdirs, out, margin=margin)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return e.exit_code

@@ -1,4 +1,17 @@
-"""A training workdir as a `Run` (run_info.json + scalar series) and runs grouped by config.
+r"""A training workdir as a `Run`, which runs may enter the verdict, and runs grouped by config.
+
+  python -m diffvit_jax.reporting.runs --matches WORKDIR --config CFG [--config.x=y ...]
+
+(exit 0: WORKDIR holds a finished run of that config; 1: no finished run; 3: a
+run of another config, the fields named) is what `launch.sh study` asks before
+it skips a run.
+
+A run is admitted to the verdict (`admit`) only when it finished
+(`completed_steps == total_steps`), its final metrics are finite, and its
+config equals that of the other runs of its protocol and size but for
+`model.arch`, `train.seed` and the fields that do not change the result
+(`RESULT_NEUTRAL`); a field the run's config lacks (older code) takes
+today's default. Every run left out is returned with its reason.
 
 Seeds of one config are one `Group`: the group key is the run's name and
 protocol (the config name minus the seed) plus its model size. The size is
@@ -8,11 +21,14 @@ count of the smallest model of that shape, so that a ViT and the DiffViT it is
 matched with land in the same size.
 """
 
+import collections
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -28,6 +44,17 @@ _SIZE_IN_NAME = re.compile(r"_(\d+(?:\.\d+)?[kmb])(?:,|$)", re.IGNORECASE)
 _SHAPE_FIELDS = ("width", "depth", "num_heads", "mlp_dim", "patch_size")
 # Model fields the FLOP count depends on; a run_info.json without them has no FLOP count.
 _FLOP_FIELDS = ("arch",) + _SHAPE_FIELDS + ("pool", "num_classes")
+# Config fields that do not change a run's result: labels, where the data lives, how it is
+# read, how the step is split or rematerialised, the attention path (equal math), how often
+# it logs, evaluates and saves.
+RESULT_NEUTRAL = (
+    "name", "model.remat", "model.attention_impl", "model.attention_chunk_mib", "data.dir",
+    "data.manual_dir", "data.num_workers", "data.read_threads", "data.prefetch",
+    "train.microbatches", "train.device_memory_gib", "train.log_every", "train.eval_every",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.profile",
+    "train.stop_check_every", "train.distributed", "train.eval_batch_size")
+# What differs between the runs of one comparison by design.
+PAIRED_FIELDS = ("model.arch", "train.seed")
 
 
 @dataclasses.dataclass
@@ -61,6 +88,13 @@ class Run:
   @property
   def steps_per_epoch(self) -> float:
     return float(self.info.get("steps_per_epoch") or 0.0)
+
+  @functools.cached_property
+  def per_example(self) -> dict | None:
+    """The final evaluation per validation image (`evaluation.per_example`), None if absent."""
+    from diffvit_jax.evaluation import per_example
+
+    return per_example.read(self.workdir)
 
   def series(self, tag: str) -> events.Series | None:
     return self.scalars.get(tag)
@@ -231,8 +265,11 @@ class Group:
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
-  """Groups the seeds of each config, sorted by protocol, size, architecture."""
-  assign_sizes(runs)
+  """Groups the seeds of each config, sorted by protocol, size, architecture.
+
+  DataError naming both workdirs when one config has two runs of one seed.
+  """
+  assign_sizes([r for r in runs if not r.size])
   groups: dict[tuple, Group] = {}
   for run in runs:
     key = (run.protocol, run.size, run.arch, run.name)
@@ -240,12 +277,109 @@ def group_runs(runs: list[Run]) -> list[Group]:
     group.runs.append(run)
   for group in groups.values():
     group.runs.sort(key=lambda r: (r.seed, r.workdir))
-    seeds = [r.seed for r in group.runs]
-    if len(set(seeds)) != len(seeds):
-      warnings.warn(f"{group.name} ({group.protocol}, {group.size}) has several runs with the "
-                    f"same seed ({seeds}): {[r.workdir for r in group.runs]}. They are averaged "
-                    "as if they were different seeds.", stacklevel=2)
+    for first, second in zip(group.runs, group.runs[1:], strict=False):
+      if first.seed == second.seed:
+        raise DataError(
+            f"Two runs of {group.name} ({group.protocol}, {group.size}) have seed {first.seed}: "
+            f"{first.workdir} and {second.workdir}. A seed counts once in the verdict; pass one "
+            "of them (or give the other another seed).")
   return sorted(groups.values(), key=Group.sort_key)
+
+
+# --- Which runs may enter the verdict -------------------------------------------------------
+
+def _flatten(node, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in node.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+  return flat
+
+
+def full_config(saved: dict) -> dict:
+  """A recorded config, flat ('train.seed': 0), with today's defaults for fields it lacks."""
+  from diffvit_jax.training import checkpointing
+
+  return _flatten(checkpointing.config_from_saved(saved or {}).to_dict())
+
+
+def config_differences(mine: dict, theirs: dict, ignore=RESULT_NEUTRAL + PAIRED_FIELDS,
+                       names=("this run", "the others")) -> list[str]:
+  """'field: <names[0]> has X, <names[1]> Y' for each flat field that differs, `ignore` aside."""
+  out = []
+  for key in sorted(set(mine) | set(theirs)):
+    if key in ignore:
+      continue
+    a, b = mine.get(key, "<absent>"), theirs.get(key, "<absent>")
+    if a != b:
+      out.append(f"{key}: {names[0]} has {a!r}, {names[1]} {b!r}")
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Excluded:
+  run: Run
+  reason: str
+
+
+def _unfinished(run: Run) -> str:
+  completed, total = run.info.get("completed_steps"), run.info.get("total_steps")
+  if total is None:
+    return "unfinished or of older code: run_info.json has no total_steps"
+  if completed != total:
+    return f"unfinished: {completed or 0} of {total} steps"
+  eval_step = run.info.get("eval_step")
+  if eval_step is not None and eval_step != total:
+    return f"its last evaluation is at step {eval_step}, not at the final step {total}"
+  return ""
+
+
+def _nonfinite(run: Run) -> str:
+  summary = run.summary()
+  bad = [k for k in ("final_top1", "final_top5", "final_loss")
+         if not math.isfinite(summary[k])]
+  return f"non-finite final metrics ({', '.join(bad)})" if bad else ""
+
+
+def admit(runs: list[Run]) -> tuple[list[Run], list[Excluded]]:
+  """(the runs the verdict may use, those left out with the reason), see the module docstring.
+
+  Config agreement is checked per protocol and size: the config most of the
+  finished runs share is the reference (ties: that of the first workdir in
+  sorted order), and a run of another config is left out with the fields named.
+  """
+  assign_sizes(runs)
+  excluded, candidates = [], []
+  for run in runs:
+    reason = _unfinished(run) or _nonfinite(run)
+    if reason:
+      excluded.append(Excluded(run, reason))
+    else:
+      candidates.append(run)
+  by_unit: dict[tuple, list[Run]] = {}
+  for run in candidates:
+    by_unit.setdefault((run.protocol, run.size), []).append(run)
+  admitted = []
+  for members in by_unit.values():
+    members.sort(key=lambda r: r.workdir)
+    flat = {r.workdir: full_config(r.info.get("config", {})) for r in members}
+    comparable = {w: json.dumps({k: v for k, v in c.items()
+                                 if k not in RESULT_NEUTRAL + PAIRED_FIELDS}, sort_keys=True,
+                                default=str) for w, c in flat.items()}
+    counts = collections.Counter(comparable.values())
+    reference = max(members, key=lambda r: counts[comparable[r.workdir]])  # first of the most
+    reference_key = comparable[reference.workdir]
+    for run in members:
+      if comparable[run.workdir] == reference_key:
+        admitted.append(run)
+      else:
+        diffs = config_differences(flat[run.workdir], flat[reference.workdir],
+                                   names=("this run", f"{reference.workdir}"))
+        excluded.append(Excluded(run, "another config than the runs it is compared with ("
+                                 + "; ".join(diffs) + ")"))
+  return admitted, excluded
 
 
 def aligned(runs: list[Run], tag: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -264,3 +398,55 @@ def aligned(runs: list[Run], tag: str) -> tuple[np.ndarray, np.ndarray] | None:
     return None
   values = np.stack([s.values[np.searchsorted(s.steps, common)] for s in series])
   return common, values
+
+
+# --- launch.sh: is this workdir already the run asked for? ----------------------------------
+
+MATCHES, NOT_FINISHED, OTHER_CONFIG = 0, 1, 3
+
+
+def matches(workdir: str, config) -> tuple[int, str]:
+  """(MATCHES | NOT_FINISHED | OTHER_CONFIG, a line saying why) for `config` in `workdir`."""
+  path = os.path.join(workdir, RUN_INFO)
+  try:
+    with open(path) as f:
+      info = json.load(f)
+  except (OSError, ValueError):
+    return NOT_FINISHED, f"{workdir}: no finished run (no readable {RUN_INFO})"
+  requested = _flatten(json.loads(config.to_json_best_effort()))
+  diffs = config_differences(full_config(info.get("config", {})), requested,
+                             ignore=RESULT_NEUTRAL, names=("the run", "the request"))
+  if diffs:
+    return OTHER_CONFIG, (f"{workdir} holds a run of another config ({'; '.join(diffs)}): "
+                          "use another workdir, or delete it to train the requested config.")
+  run = Run(workdir=workdir, info=info, scalars={}, robustness=None)
+  reason = _unfinished(run)
+  if reason:
+    return NOT_FINISHED, f"{workdir}: {reason}"
+  return MATCHES, f"{workdir}: finished, same config"
+
+
+def main(argv=None) -> int:
+  from absl import flags
+  from ml_collections import config_flags
+
+  flag_values = flags.FlagValues()
+  flags.DEFINE_string("matches", None, "A training workdir.", flag_values=flag_values)
+  config_flags.DEFINE_config_file("config", None, "The requested config.",
+                                  flag_values=flag_values)
+  argv = sys.argv if argv is None else ["runs", *argv]
+  try:
+    flag_values(argv)
+    if not flag_values.matches or flag_values.config is None:
+      raise flags.Error("--matches WORKDIR and --config are both needed")
+  except flags.Error as e:
+    print(f"error: {e}. Usage: python -m diffvit_jax.reporting.runs --matches WORKDIR "
+          "--config CFG [--config.x=y ...]", file=sys.stderr)
+    return 2
+  code, line = matches(flag_values.matches, flag_values.config)
+  print(line, file=sys.stderr if code == OTHER_CONFIG else sys.stdout)
+  return code
+
+
+if __name__ == "__main__":
+  sys.exit(main())

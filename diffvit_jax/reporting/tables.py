@@ -26,8 +26,9 @@ METRICS = ("final_top1", "final_top5", "final_loss", "best_top1", "best_top5", "
            "images_per_sec", "train_seconds")
 # Per-seed differences (model minus ViT) of the comparison tables.
 DIFF_METRICS = ("final_top1", "final_top5", "final_loss", "best_top1")
-# The verdict: (metric, whether higher is better).
+# The verdict: (metric, whether higher is better); the first is the primary endpoint.
 VERDICT_METRICS = (("final_top1", True), ("final_loss", False))
+PRIMARY_METRIC = VERDICT_METRICS[0][0]
 # Largest relative parameter gap of a pair that is still compared as matched.
 MATCH_TOLERANCE = 0.005
 
@@ -47,10 +48,15 @@ def _by_seed(group: runs_lib.Group, metric: str) -> dict[int, float]:
 
 @dataclasses.dataclass
 class Comparison:
-  """A differential config and the classic config of the same protocol and size."""
+  """A differential config and the classic config of the same protocol and size.
+
+  `lost`: seed -> why it is not paired (a run left out by `runs.admit`, or no
+  run of the other architecture); a comparison that lost seeds is incomplete.
+  """
 
   baseline: runs_lib.Group
   model: runs_lib.Group
+  lost: dict[int, str] = dataclasses.field(default_factory=dict)
 
   @property
   def param_gap(self) -> float:
@@ -73,9 +79,42 @@ class Comparison:
   def interval(self, metric: str) -> verdict.PairedInterval:
     return verdict.paired_interval(self.differences(metric))
 
+  def per_image(self) -> tuple[dict[int, tuple], str]:
+    """({seed: (baseline top-1 correct, model top-1 correct)}, why seeds lack them or '')."""
+    base = {r.seed: r for r in self.baseline.runs}
+    mine = {r.seed: r for r in self.model.runs}
+    pairs, missing = {}, []
+    for seed in self.paired_seeds:
+      a, b = base[seed].per_example, mine[seed].per_example
+      if a is None or b is None:
+        missing.append(f"seed {seed}: no per_example.npz")
+      elif not (np.array_equal(a["index"], b["index"])
+                and np.array_equal(a["label"], b["label"])):
+        missing.append(f"seed {seed}: the two runs were evaluated on other images")
+      else:
+        pairs[seed] = (a["top1"], b["top1"])
+    return pairs, "; ".join(missing)
 
-def comparisons(groups: list[runs_lib.Group]) -> list[Comparison]:
-  """Each differential config against the one classic config of its protocol and size."""
+
+def _lost_seeds(baseline, model, excluded) -> dict[int, str]:
+  lost = {}
+  for group, other in ((baseline, model), (model, baseline)):
+    for seed in sorted(set(group.seeds) - set(other.seeds)):
+      lost.setdefault(seed, f"seed {seed}: no {other.label} run")
+  for item in excluded:
+    run = item.run
+    if (run.protocol, run.size, run.name) in {(g.protocol, g.size, g.name)
+                                              for g in (baseline, model)}:
+      text = f"seed {run.seed} of {registry.label(run.arch)} left out ({item.reason})"
+      lost[run.seed] = f"{lost[run.seed]}; {text}" if run.seed in lost else text
+  return lost
+
+
+def comparisons(groups: list[runs_lib.Group], excluded=()) -> list[Comparison]:
+  """Each differential config against the one classic config of its protocol and size.
+
+  `excluded` (`runs.Excluded`, from `runs.admit`) marks the seeds a comparison lost.
+  """
   out = []
   by_key: dict[tuple, list[runs_lib.Group]] = {}
   for group in groups:
@@ -84,7 +123,8 @@ def comparisons(groups: list[runs_lib.Group]) -> list[Comparison]:
     baselines = [g for g in members if g.differential is False]
     if len(baselines) != 1:
       continue
-    out += [Comparison(baselines[0], g) for g in members if g.differential]
+    out += [Comparison(baselines[0], g, _lost_seeds(baselines[0], g, excluded))
+            for g in members if g.differential]
   return out
 
 
@@ -127,29 +167,105 @@ def _interval_cells(interval: verdict.PairedInterval, prefix: str) -> dict:
           f"{prefix}_ci_low": interval.low, f"{prefix}_ci_high": interval.high}
 
 
-def verdict_rows(comparisons_: list[Comparison]) -> list[dict]:
-  """Per matched pair and verdict metric: the paired mean difference, its CI, the reading.
+def _per_seed_values(comparison: Comparison, metric: str) -> tuple[list[float], list[float]]:
+  base, mine = _by_seed(comparison.baseline, metric), _by_seed(comparison.model, metric)
+  seeds = comparison.paired_seeds
+  return [base[s] for s in seeds], [mine[s] for s in seeds]
 
-  With fewer than `verdict.MIN_SEEDS` paired seeds the difference and its
-  interval are left out (NaN): the row carries only the reading that no
-  conclusion is possible.
+
+def _nan_unless_tested(row: dict, state: str, interval: verdict.PairedInterval) -> None:
+  # Below MIN_SEEDS (or non-finite) no difference is printed at all; at zero spread the
+  # mean is a fact but there is no interval.
+  shown = state in ("ok", "no_spread")
+  row.update(mean=interval.mean if shown else math.nan, std=interval.std if shown else math.nan,
+             ci_low=interval.low if state == "ok" else math.nan,
+             ci_high=interval.high if state == "ok" else math.nan)
+
+
+def verdict_rows(comparisons_: list[Comparison], *,
+                 margin: float = verdict.DEFAULT_EQUIVALENCE_MARGIN,
+                 resamples: int = verdict.BOOTSTRAP_RESAMPLES,
+                 bootstrap_seed: int = verdict.BOOTSTRAP_SEED) -> list[dict]:
+  """Per matched pair: the primary endpoint (final top-1) row, then the secondary rows.
+
+  Primary: paired t-test, Holm-adjusted over the sizes of its protocol (one
+  family per protocol and differential arch), TOST against `margin`, the SD
+  of the differences, the MDE and the seeds needed for `margin`, the
+  two-level bootstrap interval, per-seed values. Secondary (validation loss):
+  descriptive. A comparison that lost seeds reads "incomplete".
   """
+  matched = [c for c in comparisons_ if c.matched]
+  primaries = [verdict.primary(c.differences(PRIMARY_METRIC), margin) for c in matched]
+  families: dict[tuple, list[int]] = {}
+  for i, c in enumerate(matched):
+    families.setdefault((c.model.protocol, c.model.arch), []).append(i)
+  for members in families.values():
+    # An incomplete or untestable comparison stays in its family, as p = 1 (conservative).
+    adjusted = verdict.holm([math.nan if matched[i].lost else primaries[i].p for i in members])
+    for i, p_holm in zip(members, adjusted, strict=True):
+      primaries[i].p_holm = p_holm
+  rows = []
+  for comparison, result in zip(matched, primaries, strict=True):
+    label = comparison.model.label
+    base_values, model_values = _per_seed_values(comparison, PRIMARY_METRIC)
+    pairs, missing = comparison.per_image()
+    if pairs and not missing and result.status in ("ok", "no_spread"):
+      boot = verdict.two_level_bootstrap(list(pairs.values()), resamples=resamples,
+                                         seed=bootstrap_seed)
+    else:
+      boot = (math.nan, math.nan)
+    row = _comparison_row(comparison)
+    row.update(role="primary", metric=PRIMARY_METRIC, confidence=verdict.CONFIDENCE,
+               interval="paired t (two-sided)")
+    _nan_unless_tested(row, result.status, result.interval)
+    reading = verdict.primary_reading(result, label)
+    if comparison.lost:
+      reading = (f"incomplete: {'; '.join(comparison.lost[s] for s in sorted(comparison.lost))}"
+                 f" ({len(comparison.paired_seeds)} paired seeds remain)")
+    row.update(
+        p=result.p, p_holm=result.p_holm, holm_family=len(families[(comparison.model.protocol,
+                                                                    comparison.model.arch)]),
+        significant=result.significant and not comparison.lost, margin=margin,
+        tost_p=result.tost_p, equivalent=result.equivalent and not comparison.lost,
+        mde=result.mde, seeds_needed=result.seeds_needed, power=verdict.POWER,
+        bootstrap_low=boot[0], bootstrap_high=boot[1], bootstrap_resamples=resamples,
+        bootstrap_seed=bootstrap_seed, per_image_missing=missing,
+        baseline_values=" ".join(f"{v:.6g}" for v in base_values),
+        model_values=" ".join(f"{v:.6g}" for v in model_values),
+        incomplete="; ".join(comparison.lost[s] for s in sorted(comparison.lost)),
+        reading=reading)
+    rows.append(row)
+    for metric, _ in VERDICT_METRICS[1:]:
+      differences = comparison.differences(metric)
+      state = verdict.status(differences)
+      row = _comparison_row(comparison)
+      row.update(role="secondary", metric=metric, confidence=verdict.CONFIDENCE,
+                 interval="paired t (two-sided)",
+                 reading=verdict.secondary_reading(differences))
+      _nan_unless_tested(row, state, verdict.paired_interval(differences))
+      rows.append(row)
+  return rows
+
+
+def per_seed_rows(comparisons_: list[Comparison]) -> list[dict]:
+  """Per matched pair and paired seed: both top-1s, the discordant images, McNemar's exact p."""
   rows = []
   for comparison in comparisons_:
     if not comparison.matched:
       continue
-    for metric, higher_is_better in VERDICT_METRICS:
-      interval = comparison.interval(metric)
-      row = _comparison_row(comparison)
-      row.update(metric=metric, confidence=interval.confidence,
-                 interval="paired t (two-sided)",
-                 reading=verdict.reading(interval, comparison.model.label,
-                                         higher_is_better=higher_is_better))
-      if interval.conclusive:
-        row.update(mean=interval.mean, std=interval.std, ci_low=interval.low,
-                   ci_high=interval.high)
+    pairs, _ = comparison.per_image()
+    base_values, model_values = _per_seed_values(comparison, PRIMARY_METRIC)
+    for seed, base, mine in zip(comparison.paired_seeds, base_values, model_values,
+                                strict=True):
+      row = dict(protocol=comparison.model.protocol, size=comparison.model.size,
+                 arch=comparison.model.arch, baseline=comparison.baseline.arch, seed=seed,
+                 baseline_top1=base, model_top1=mine, difference=mine - base)
+      if seed in pairs:
+        test = verdict.mcnemar(*pairs[seed])
+        row.update(images=test.images, model_only=test.model_only,
+                   baseline_only=test.baseline_only, mcnemar_p=test.p)
       else:
-        row.update(mean=math.nan, std=math.nan, ci_low=math.nan, ci_high=math.nan)
+        row.update(images=0, model_only=-1, baseline_only=-1, mcnemar_p=math.nan)
       rows.append(row)
   return rows
 
@@ -188,7 +304,7 @@ def unmatched_rows(comparisons_: list[Comparison]) -> list[dict]:
           [r.summary()[metric] for r in base.runs])
     interval = comparison.interval("final_top1")
     row.update(_interval_cells(interval, "final_top1_diff"))
-    row["reading"] = verdict.reading(interval, model.label)
+    row["reading"] = verdict.secondary_reading(comparison.differences("final_top1"))
     rows.append(row)
   return rows
 
@@ -295,20 +411,84 @@ _METRIC_NAMES = {"final_top1": "final top-1", "final_top5": "final top-5",
                  "final_loss": "final val loss", "best_top1": "best-on-val top-1"}
 
 
+def _p(value: float) -> str:
+  return "-" if math.isnan(value) else f"{value:.3g}"
+
+
+def _bounds(low: float, high: float, metric: str) -> str:
+  if math.isnan(low):
+    return "-"
+  return f"[{_signed(low, metric)}, {_signed(high, metric)}]"
+
+
+def _size(value: float, metric: str) -> str:
+  """An unsigned spread or effect: pp for accuracies."""
+  return _signed(value, metric).lstrip("+")
+
+
+def _seeds_needed(value: float) -> str:
+  if math.isnan(value):
+    return "-"
+  return "> 10000" if math.isinf(value) else f"{value:.0f}"
+
+
+def _per_seed_cell(row: dict) -> str:
+  seeds = row["paired_seeds"].split()
+  base = [float(v) for v in row["baseline_values"].split()]
+  mine = [float(v) for v in row["model_values"].split()]
+  return "; ".join(f"{s}: {100 * b:.2f} → {100 * m:.2f}"
+                   for s, b, m in zip(seeds, base, mine, strict=True))
+
+
 def verdict_markdown(rows: list[dict]) -> str:
-  header = ["protocol", "size", "comparison", "metric", "mean difference", "95% CI (paired t)",
-            "paired seeds", "reading"]
+  """The primary endpoint's table, then the secondary (descriptive) metrics' table."""
+  primary = [r for r in rows if r.get("role", "primary") == "primary"]
+  secondary = [r for r in rows if r.get("role") == "secondary"]
+  header = ["protocol", "size", "comparison", "paired seeds",
+            "top-1 % per seed (seed: ViT → model)", "mean difference", "95% CI (paired t)",
+            "95% CI (two-level bootstrap)", "p (t)",
+            "Holm p", "TOST p (± margin)", "SD of differences", "MDE (80% power)",
+            "seeds for the margin", "reading"]
   body = []
-  for r in rows:
+  for r in primary:
     metric = r["metric"]
-    conclusive = not math.isnan(r["mean"])
-    ci = (f"[{_signed(r['ci_low'], metric)}, {_signed(r['ci_high'], metric)}]" if conclusive
-          else "-")
     body.append([r["protocol"], r["size"],
                  f"{registry.label(r['arch'])} − {registry.label(r['baseline'])}",
-                 _METRIC_NAMES[metric], _signed(r["mean"], metric), ci, str(r["n_paired"]),
-                 r["reading"]])
-  return markdown_table(header, body, "llllrrrl")
+                 str(r["n_paired"]), _per_seed_cell(r), _signed(r["mean"], metric),
+                 _bounds(r["ci_low"], r["ci_high"], metric),
+                 _bounds(r["bootstrap_low"], r["bootstrap_high"], metric), _p(r["p"]),
+                 f"{_p(r['p_holm'])} (of {r['holm_family']})",
+                 f"{_p(r['tost_p'])} (± {100 * r['margin']:.2f} pp)",
+                 _size(r["std"], metric), _size(r["mde"], metric),
+                 _seeds_needed(r["seeds_needed"]), r["reading"]])
+  text = markdown_table(header, body, "llllrrrrrrrrrrl")
+  if secondary:
+    header = ["protocol", "size", "comparison", "metric", "mean difference",
+              "95% CI (paired t)", "paired seeds", "reading"]
+    body = [[r["protocol"], r["size"],
+             f"{registry.label(r['arch'])} − {registry.label(r['baseline'])}",
+             _METRIC_NAMES[r["metric"]], _signed(r["mean"], r["metric"]),
+             _bounds(r["ci_low"], r["ci_high"], r["metric"]), str(r["n_paired"]), r["reading"]]
+            for r in secondary]
+    text += ("\n\nSecondary metrics, descriptive only (no test is claimed, no multiplicity "
+             "control):\n\n" + markdown_table(header, body, "llllrrrl"))
+  return text
+
+
+def per_seed_markdown(rows: list[dict]) -> str:
+  header = ["protocol", "size", "comparison", "seed", "ViT top-1 %", "model top-1 %",
+            "difference", "images", "only the model right", "only ViT right",
+            "McNemar exact p"]
+  body = []
+  for r in rows:
+    has = r["images"] > 0
+    body.append([r["protocol"], r["size"],
+                 f"{registry.label(r['arch'])} − {registry.label(r['baseline'])}",
+                 str(r["seed"]), _pct(r["baseline_top1"]), _pct(r["model_top1"]),
+                 _signed(r["difference"], "final_top1"),
+                 str(r["images"]) if has else "-", str(r["model_only"]) if has else "-",
+                 str(r["baseline_only"]) if has else "-", _p(r["mcnemar_p"])])
+  return markdown_table(header, body, "llllrrrrrrr")
 
 
 def results_markdown(rows: list[dict]) -> str:

@@ -1,71 +1,50 @@
-"""Whether DiffViT beats ViT: the paired difference over seeds, its t-interval, a reading.
+"""Whether DiffViT beats ViT: the statistics of the verdict, all from `scipy.stats`.
 
 Runs of the two architectures with the same seed share their data order and
-augmentation draws (the seed drives both), so the comparison pairs them by
-seed: the per-seed differences d_1..d_n have mean m and sample standard
-deviation s, and the two-sided 95% paired t-interval is
+augmentation draws, so they are paired by seed: the per-seed differences
+d_1..d_n (model minus baseline) have mean m and sample SD s.
 
-    m ± t_{0.975, n-1} * s / sqrt(n).
+- Primary endpoint: final validation top-1. Its two-sided paired t-test
+  (H0: mean difference 0) is adjusted by Holm's step-down over the sizes of a
+  protocol (one family); everything else is secondary and descriptive.
+- Equivalence: TOST against a margin +-delta (two one-sided t-tests at 5%;
+  equivalent when both reject, i.e. the 90% t-interval lies inside +-delta).
+- Power: the minimum detectable effect at 80% power and 5% two-sided for the
+  seeds used, and the seeds needed to detect delta, from the noncentral t
+  (the paired t-test's exact power at the observed s; the normal limit where
+  scipy's noncentral t is not finite, at large noncentrality).
+- Per image: McNemar's exact test on the discordant images of one seed, and a
+  two-level bootstrap (seeds, then images within seed) of the mean difference.
+  `scipy.stats.bootstrap` resamples one level only, so the two levels are
+  drawn here; images are drawn by their multinomial counts over the three
+  values of a per-image difference of correctness (-1, 0, +1), which is the
+  same distribution as drawing the images themselves.
 
-The t quantile is computed here (no SciPy dependency): the Student t CDF for
-an integer number of degrees of freedom has a closed form in the angle
-theta = atan(t / sqrt(df)) (Abramowitz & Stegun 26.7.3-4), inverted by
-bisection. With fewer than `MIN_SEEDS` pairs the interval is either undefined
-(one pair) or so wide and so dependent on the normality assumption (two pairs:
-t_{0.975, 1} = 12.7) that the report states no conclusion instead.
+Degenerate cases get a stated reading, never "better": fewer than
+`MIN_SEEDS` pairs, no spread across seeds (the t statistic is undefined),
+non-finite values.
 """
 
 import dataclasses
 import math
 
 import numpy as np
+from scipy import optimize, stats
 
 CONFIDENCE = 0.95
+ALPHA = 1 - CONFIDENCE
+POWER = 0.8
 MIN_SEEDS = 3
-
-
-def _t_central_probability(t: float, df: int) -> float:
-  """P(|T| <= t) for Student's t with `df` (integer >= 1) degrees of freedom, t >= 0."""
-  theta = math.atan(t / math.sqrt(df))
-  c2 = math.cos(theta) ** 2
-  if df % 2 == 1:
-    # 2/pi [theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ... up to cos^(df-3))]
-    series, term = 0.0, 1.0
-    for k in range(1, (df - 1) // 2 + 1):
-      series += term
-      term *= c2 * (2 * k) / (2 * k + 1)
-    return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * series)
-  # sin [1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ... up to cos^(df-2)]
-  series, term = 0.0, 1.0
-  for k in range(1, df // 2 + 1):
-    series += term
-    term *= c2 * (2 * k - 1) / (2 * k)
-  return math.sin(theta) * series
-
-
-def t_quantile(probability: float, df: int) -> float:
-  """The `probability` quantile (> 0.5) of Student's t with `df` degrees of freedom."""
-  if not 0.5 < probability < 1 or df < 1 or int(df) != df:
-    raise ValueError(f"t_quantile needs 0.5 < probability < 1 and an integer df >= 1, got "
-                     f"{probability}, {df}.")
-  central = 2 * probability - 1  # P(|T| <= q)
-  low, high = 0.0, 1.0
-  while _t_central_probability(high, df) < central:
-    high *= 2
-  for _ in range(200):
-    mid = (low + high) / 2
-    if _t_central_probability(mid, df) < central:
-      low = mid
-    else:
-      high = mid
-    if high - low < 1e-12 * high:
-      break
-  return (low + high) / 2
+# Points of top-1 (as a fraction) within which the two attentions count as equivalent.
+DEFAULT_EQUIVALENCE_MARGIN = 0.01
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+_MAX_SEEDS = 10_000  # seeds_needed gives up (inf) beyond this
 
 
 @dataclasses.dataclass(frozen=True)
 class PairedInterval:
-  """Mean of the per-seed differences and its two-sided t-interval (NaN below 2 pairs)."""
+  """Mean of the per-seed differences and its two-sided t-interval (NaN where undefined)."""
 
   n: int
   mean: float
@@ -79,27 +58,236 @@ class PairedInterval:
     return self.n >= MIN_SEEDS
 
 
+def status(differences) -> str:
+  """'ok', or why no test applies: 'nonfinite', 'too_few' (< MIN_SEEDS), 'no_spread'."""
+  d = np.asarray(differences, np.float64)
+  if not np.all(np.isfinite(d)):
+    return "nonfinite"
+  if len(d) < MIN_SEEDS:
+    return "too_few"
+  # Metrics are logged as float32: equal values read back may differ in the 7th digit.
+  if np.ptp(d) <= 1e-6 * max(1.0, float(np.abs(d).max())):
+    return "no_spread"
+  return "ok"
+
+
 def paired_interval(differences, confidence: float = CONFIDENCE) -> PairedInterval:
-  """The paired t-interval of per-seed differences (model minus baseline, one per seed)."""
+  """The paired t-interval of per-seed differences; NaN bounds below 2 pairs or at 0 spread."""
   d = np.asarray(differences, np.float64)
   n = len(d)
   if n == 0:
     return PairedInterval(0, math.nan, math.nan, math.nan, math.nan, confidence)
   mean = float(d.mean())
-  if n < 2:
-    return PairedInterval(n, mean, math.nan, math.nan, math.nan, confidence)
-  std = float(d.std(ddof=1))
-  half = t_quantile(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
+  std = float(d.std(ddof=1)) if n > 1 else math.nan
+  if n < 2 or not math.isfinite(std) or std == 0 or status(d) == "no_spread":
+    return PairedInterval(n, mean, std, math.nan, math.nan, confidence)
+  half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
   return PairedInterval(n, mean, std, mean - half, mean + half, confidence)
 
 
-def reading(interval: PairedInterval, model: str, *, higher_is_better: bool = True) -> str:
-  """One line: '<model> better', '<model> worse', no detectable difference, or no conclusion."""
-  n = interval.n
-  if not interval.conclusive:
+def paired_t_p(differences) -> float:
+  """Two-sided p of the paired t-test of mean 0; NaN unless `status` is 'ok' or 'too_few' >= 2."""
+  d = np.asarray(differences, np.float64)
+  if len(d) < 2 or status(d) in ("nonfinite", "no_spread"):
+    return math.nan
+  return float(stats.ttest_1samp(d, 0.0).pvalue)
+
+
+def tost_p(differences, margin: float) -> float:
+  """p of TOST (H0: |mean| >= margin): the larger of the two one-sided t-test p-values."""
+  d = np.asarray(differences, np.float64)
+  if len(d) < 2 or status(d) in ("nonfinite", "no_spread") or not margin > 0:
+    return math.nan
+  lower = stats.ttest_1samp(d, -margin, alternative="greater").pvalue
+  upper = stats.ttest_1samp(d, margin, alternative="less").pvalue
+  return float(max(lower, upper))
+
+
+def holm(p_values) -> list[float]:
+  """Holm's step-down adjusted p-values; a NaN p counts in the family as p = 1 and stays NaN."""
+  p = np.asarray(p_values, np.float64)
+  m = len(p)
+  filled = np.where(np.isnan(p), 1.0, p)
+  order = np.argsort(filled, kind="stable")
+  adjusted = np.empty(m)
+  running = 0.0
+  for rank, i in enumerate(order):
+    running = max(running, min(1.0, (m - rank) * filled[i]))
+    adjusted[i] = running
+  return [math.nan if math.isnan(p[i]) else float(adjusted[i]) for i in range(m)]
+
+
+def power(effect: float, sd: float, n: int, alpha: float = ALPHA) -> float:
+  """Power of the two-sided paired t-test at level `alpha` for a true mean difference `effect`."""
+  if n < 2 or not sd > 0:
+    return math.nan
+  df = n - 1
+  critical = stats.t.ppf(1 - alpha / 2, df)
+  nc = effect * math.sqrt(n) / sd
+  value = stats.nct.sf(critical, df, nc) + stats.nct.cdf(-critical, df, nc)
+  if not np.isfinite(value):  # scipy's nct fails at large noncentrality: the normal limit
+    value = stats.norm.sf(critical - nc) + stats.norm.cdf(-critical - nc)
+  return float(min(1.0, value))
+
+
+def min_detectable_effect(sd: float, n: int, alpha: float = ALPHA,
+                          target: float = POWER) -> float:
+  """The mean difference the paired t-test detects with power `target` at n seeds and SD sd."""
+  if n < 2 or not (math.isfinite(sd) and sd > 0):
+    return math.nan
+  high = sd
+  while power(high, sd, n, alpha) < target:
+    high *= 2
+  return float(optimize.brentq(lambda e: power(e, sd, n, alpha) - target, 0.0, high,
+                               xtol=1e-12 * sd))
+
+
+def seeds_needed(effect: float, sd: float, alpha: float = ALPHA, target: float = POWER) -> float:
+  """The fewest paired seeds (>= 2) that detect `effect` with power `target`; inf beyond 10k."""
+  if not (math.isfinite(sd) and sd > 0 and effect > 0):
+    return math.nan
+  low, high = 2, 2
+  while power(effect, sd, high, alpha) < target:
+    if high >= _MAX_SEEDS:
+      return math.inf
+    low, high = high, min(2 * high, _MAX_SEEDS)
+  while low < high:  # power grows with n: the first n that reaches the target
+    mid = (low + high) // 2
+    if power(effect, sd, mid, alpha) >= target:
+      high = mid
+    else:
+      low = mid + 1
+  return float(high)
+
+
+@dataclasses.dataclass(frozen=True)
+class McNemar:
+  """One seed's images: how many only the model / only the baseline got right, exact p."""
+
+  images: int
+  model_only: int
+  baseline_only: int
+  p: float
+
+
+def mcnemar(baseline_correct, model_correct) -> McNemar:
+  """McNemar's exact test: the discordant images, binomial(b + c, 1/2), two-sided."""
+  base = np.asarray(baseline_correct, bool)
+  mine = np.asarray(model_correct, bool)
+  b = int(np.sum(mine & ~base))
+  c = int(np.sum(base & ~mine))
+  p = 1.0 if b + c == 0 else float(stats.binomtest(b, b + c, 0.5).pvalue)
+  return McNemar(len(base), b, c, p)
+
+
+def two_level_bootstrap(pairs, *, resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = BOOTSTRAP_SEED,
+                        confidence: float = CONFIDENCE) -> tuple[float, float]:
+  """Percentile interval of the mean per-image difference of correctness, seeds then images.
+
+  `pairs`: per seed, (baseline_correct, model_correct) boolean arrays over the
+  same images. Each resample draws n seeds with replacement, then each drawn
+  seed's images with replacement, and averages the drawn seeds' mean
+  differences. (NaN, NaN) without pairs.
+  """
+  if not pairs:
+    return math.nan, math.nan
+  rng = np.random.default_rng(seed)
+  images, probabilities = [], []
+  for base, mine in pairs:
+    diff = np.asarray(mine, np.int8) - np.asarray(base, np.int8)
+    images.append(len(diff))
+    probabilities.append([np.mean(diff == 1), np.mean(diff == 0), np.mean(diff == -1)])
+  n = len(pairs)
+  drawn = rng.integers(0, n, size=(resamples, n))
+  values = np.empty((resamples, n))
+  for s in range(n):
+    where = drawn == s
+    counts = rng.multinomial(images[s], probabilities[s], size=int(where.sum()))
+    values[where] = (counts[:, 0] - counts[:, 2]) / images[s]
+  means = values.mean(axis=1)
+  alpha = 1 - confidence
+  low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+  return float(low), float(high)
+
+
+@dataclasses.dataclass
+class Primary:
+  """The primary endpoint of one comparison: tests, power, and (once the family is known) Holm."""
+
+  differences: list[float]
+  interval: PairedInterval
+  status: str
+  p: float
+  tost_p: float
+  margin: float
+  mde: float
+  seeds_needed: float
+  p_holm: float = math.nan
+
+  @property
+  def equivalent(self) -> bool:
+    return self.status == "ok" and self.tost_p < ALPHA
+
+  @property
+  def significant(self) -> bool:
+    return self.status == "ok" and self.p_holm < ALPHA
+
+
+def primary(differences, margin: float = DEFAULT_EQUIVALENCE_MARGIN) -> Primary:
+  """The primary endpoint's tests of per-seed differences; `p_holm` is set by the family."""
+  d = [float(x) for x in differences]
+  interval = paired_interval(d)
+  state = status(d)
+  testable = state == "ok"  # MDE and seeds needed only where the test itself applies
+  return Primary(differences=d, interval=interval, status=state, p=paired_t_p(d),
+                 tost_p=tost_p(d, margin), margin=margin,
+                 mde=min_detectable_effect(interval.std, len(d)) if testable else math.nan,
+                 seeds_needed=seeds_needed(margin, interval.std) if testable else math.nan)
+
+
+def _pp(value: float) -> str:
+  return f"{100 * value:+.2f} pp"
+
+
+def degenerate_reading(state: str, differences) -> str:
+  """The stated reading of a comparison no test applies to ('' when `state` is 'ok')."""
+  n = len(differences)
+  if state == "nonfinite":
+    return "not computed: a per-seed value is not finite"
+  if state == "too_few":
     return (f"no conclusion possible: {n} paired seed{'' if n == 1 else 's'} "
             f"(at least {MIN_SEEDS} needed)")
+  if state == "no_spread":
+    return (f"no reading: no spread across the {n} seeds (every difference "
+            f"{_pp(differences[0])}), so the t-test is undefined; see the per-image evidence")
+  return ""
+
+
+def primary_reading(result: Primary, model: str) -> str:
+  """Better / worse (Holm-adjusted), equivalent within the margin (TOST), or inconclusive."""
+  if result.status != "ok":
+    return degenerate_reading(result.status, result.differences)
+  n, margin = result.interval.n, 100 * result.margin
+  if result.significant:
+    better = result.interval.mean > 0
+    text = f"{model} {'better' if better else 'worse'} ({n} seeds, Holm p = {result.p_holm:.3g})"
+    if result.equivalent:
+      text += f", by less than ±{margin:.2f} pp (TOST p = {result.tost_p:.3g})"
+    return text
+  if result.equivalent:
+    return f"equivalent within ±{margin:.2f} pp ({n} seeds, TOST p = {result.tost_p:.3g})"
+  return (f"inconclusive at {n} seeds: no difference (Holm p = {result.p_holm:.3g}) and no "
+          f"equivalence within ±{margin:.2f} pp (TOST p = {result.tost_p:.3g})")
+
+
+def secondary_reading(differences, *, lower_name: str = "lower") -> str:
+  """Descriptive only: whether the 95% t-interval excludes 0 (no test is claimed)."""
+  state = status(differences)
+  if state != "ok":
+    return degenerate_reading(state, list(differences))
+  interval = paired_interval(differences)
   if interval.low > 0 or interval.high < 0:
-    better = (interval.low > 0) == higher_is_better
-    return f"{model} {'better' if better else 'worse'} ({n} seeds)"
-  return f"no detectable difference at {n} seeds"
+    side = "higher" if interval.low > 0 else lower_name
+    return f"descriptive: interval excludes 0 ({side})"
+  return "descriptive: interval includes 0"
