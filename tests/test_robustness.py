@@ -191,3 +191,58 @@ def test_report_includes_robustness(evaluated_pair, tmp_path):
     text = f.read()
   assert "## Robustness" in text and "mCE" in text and "(vit_digits)" in text
   assert "partial (vit_digits)" in text  # 2 corruptions x 2 severities of the 15 x 5
+
+
+def _synthetic_robustness(workdir, clean, cells, *, step=1000):
+  result = dict(name="x", workdir=str(workdir), step=step, checkpoint="latest",
+                data=dict(source="tiny_imagenet", eval_split="validation", num_eval=10,
+                          corruption_jpeg=True),
+                clean={"top1": clean, "top5": 1.0, "loss": 0.0},
+                corrupted={c: {s: {"top1": v, "top5": 1.0, "loss": 0.0} for s, v in by.items()}
+                           for c, by in cells.items()})
+  robustness.summarise(result)
+  with open(os.path.join(workdir, "robustness.json"), "w") as f:
+    json.dump(result, f)
+
+
+def test_mce_is_paired_by_seed_with_relative_mce_and_an_interval(tmp_path):
+  from analysis_runs import rising_evals, write_synthetic_run
+
+  from diffvit_jax.reporting import runs as runs_lib
+  from diffvit_jax.reporting import tables, verdict
+
+  expected = {}
+  workdirs = []
+  for seed in range(3):
+    vit_clean, diff_clean = 0.60 + 0.01 * seed, 0.62 + 0.01 * seed
+    vit = {"fog": {"1": 0.50, "5": 0.30}, "contrast": {"1": 0.55, "5": 0.20 + 0.01 * seed}}
+    diff = {"fog": {"1": 0.52, "5": 0.33}, "contrast": {"1": 0.56, "5": 0.25}}
+    runs = {}
+    for arch, clean, cells in (("vit", vit_clean, vit), ("diffvit", diff_clean, diff)):
+      workdir = write_synthetic_run(tmp_path / arch / f"seed{seed}", name=f"{arch}_10m,v2",
+                                    arch=arch, params=10_000_000, seed=seed,
+                                    evals=rising_evals(clean))
+      _synthetic_robustness(workdir, clean, cells, step=1000 if seed < 2 or arch == "vit"
+                            else 800)
+      runs[arch] = workdir
+      workdirs.append(workdir)
+    ce = {c: sum(1 - diff[c][s] for s in diff[c]) / sum(1 - vit[c][s] for s in vit[c])
+          for c in vit}
+    rel = {c: sum((1 - diff[c][s]) - (1 - diff_clean) for s in diff[c])
+           / sum((1 - vit[c][s]) - (1 - vit_clean) for s in vit[c]) for c in vit}
+    expected[seed] = (np.mean(list(ce.values())), np.mean(list(rel.values())))
+  admitted, _ = runs_lib.admit([runs_lib.load_run(w) for w in workdirs])
+  rows = tables.robustness_paired_rows(tables.comparisons(runs_lib.group_runs(admitted)))
+  per_seed = {r["seed"]: r for r in rows if r["kind"] == "seed"}
+  assert sorted(per_seed) == [0, 1]  # seed 2's DiffViT was evaluated at step 800 of 1000
+  for seed, row in per_seed.items():
+    assert row["mce"] == pytest.approx(expected[seed][0])
+    assert row["relative_mce"] == pytest.approx(expected[seed][1])
+  (summary,) = [r for r in rows if r["kind"] == "summary"]
+  interval = verdict.paired_interval([expected[s][0] - 1 for s in (0, 1)])
+  assert summary["mce_minus_1_mean"] == pytest.approx(interval.mean)
+  assert summary["mce_minus_1_ci_low"] == pytest.approx(interval.low)
+  assert "seed 2" in summary["left_out"] and "step 800, not the final step 1000" in (
+      summary["left_out"])
+  assert summary["reading"].startswith("no conclusion possible: 2 paired seeds")
+  assert "mCE − 100%" in tables.robustness_paired_markdown(rows)

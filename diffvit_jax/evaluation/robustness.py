@@ -141,6 +141,48 @@ def corruption_errors(cells: dict, baseline_cells: dict) -> dict[str, float]:
   return ce
 
 
+def relative_corruption_errors(cells: dict, clean_top1: float, baseline_cells: dict,
+                               baseline_clean_top1: float) -> dict[str, float]:
+  """Relative CE_c = sum_s (E_{c,s} - E_clean) / sum_s (E_{c,s}(baseline) - E_clean(baseline)).
+
+  Hendrycks & Dietterich's relative CE: the degradation from the clean error,
+  so that a difference in clean accuracy does not leak into it.
+  """
+  out = {}
+  for name, by_severity in cells.items():
+    mine = sum((1.0 - v["top1"]) - (1.0 - clean_top1) for v in by_severity.values())
+    theirs = sum((1.0 - baseline_cells[name][s]["top1"]) - (1.0 - baseline_clean_top1)
+                 for s in by_severity)
+    out[name] = mine / theirs if theirs > 0 else math.nan
+  return out
+
+
+def paired_with_baseline(result: dict, baseline: dict) -> dict:
+  """CE per corruption, mCE and relative mCE of `result` against the baseline run's result.
+
+  Both are robustness.json results of runs of one protocol, size and seed;
+  DataError unless they were evaluated on the same images and the same cells.
+  Over the benchmark's corruptions, as `relative_to`.
+  """
+  if baseline.get("data") != result.get("data"):
+    raise DataError(f"{result.get('workdir')} and its baseline {baseline.get('workdir')} were "
+                    "evaluated on other images; CE needs both on the same validation set.")
+  _check_baseline_cells(baseline, baseline.get("workdir", "the baseline"), result["corrupted"],
+                        {s for by_sev in result["corrupted"].values() for s in by_sev})
+  benchmark, _ = _split_benchmark(result["corrupted"])
+  ce = corruption_errors(benchmark, baseline["corrupted"])
+  relative = relative_corruption_errors(benchmark, result["clean"]["top1"],
+                                        baseline["corrupted"], baseline["clean"]["top1"])
+  mean = lambda values: float(np.mean(values)) if values else math.nan
+  return dict(ce=ce, mce=mean(list(ce.values())), relative_ce=relative,
+              relative_mce=mean(list(relative.values())),
+              mean_corruption_error_difference=(
+                  mean_corruption_error(benchmark) - mean_corruption_error(
+                      {c: {s: baseline["corrupted"][c][s] for s in by_severity}
+                       for c, by_severity in benchmark.items()})),
+              status=coverage(result["corrupted"])["status"])
+
+
 def summarise(result: dict) -> dict:
   """Adds the derived numbers to a result holding 'clean' and 'corrupted'.
 

@@ -171,6 +171,7 @@ def write_report(workdirs: list[str], out_dir: str, *,
   unmatched_rows = tables.unmatched_rows(comparisons)
   run_rows = tables.run_rows(groups)
   robust_rows = tables.robustness_rows(groups)
+  robust_paired = tables.robustness_paired_rows(comparisons)
   tables.write_csv(group_rows, written.setdefault("results.csv", f"{out_dir}/results.csv"))
   tables.write_csv(run_rows, written.setdefault("runs.csv", f"{out_dir}/runs.csv"))
   sections = ["# Results\n"]
@@ -229,6 +230,18 @@ def write_report(workdirs: list[str], out_dir: str, *,
                  "Mean corruption error: mean over corruptions and severities of the top-1 "
                  "error. mCE: mean over corruptions of CE_c = sum_s E_s / sum_s E_s(baseline).\n",
                  robust_md]
+  if robust_paired:
+    tables.write_csv(robust_paired, written.setdefault("robustness_paired.csv",
+                                                       f"{out_dir}/robustness_paired.csv"))
+    sections += ["\nPaired by seed (Hendrycks & Dietterich's definitions, over the benchmark's "
+                 "corruptions): each differential run against the ViT of its protocol, size and "
+                 "seed, both evaluated at their final step on the same images. CE_c = sum_s "
+                 "E_{c,s} / sum_s E_{c,s}(ViT), mCE = mean_c CE_c; relative CE_c = sum_s "
+                 "(E_{c,s} − E_clean) / sum_s (E_{c,s}(ViT) − E_clean(ViT)), so a difference "
+                 "in clean accuracy does not leak into it. The summary row gives the paired "
+                 f"{100 * verdict.CONFIDENCE:.0f}% t-interval over seeds of mCE − 100% and of "
+                 "the difference in mean corruption error (secondary, descriptive).\n",
+                 tables.robustness_paired_markdown(robust_paired)]
   figures = (_curve_figures(groups, out_dir) + _lambda_figures(groups, out_dir)
              + _robustness_figures(groups, out_dir))
   sections.append("\n## Figures\n")

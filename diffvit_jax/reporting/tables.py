@@ -339,6 +339,90 @@ def robustness_rows(groups: list[runs_lib.Group]) -> list[dict]:
   return rows
 
 
+def _robustness_reason(run: runs_lib.Run) -> str:
+  result = run.robustness
+  if result is None:
+    return "no robustness.json"
+  total = run.info.get("total_steps")
+  if result.get("checkpoint", "latest") != "latest" or result.get("step") != total:
+    return (f"evaluated at the {result.get('checkpoint', 'latest')} checkpoint, step "
+            f"{result.get('step')}, not the final step {total}")
+  return ""
+
+
+def robustness_paired_rows(comparisons_: list[Comparison]) -> list[dict]:
+  """Per matched pair: per paired seed, the model's CE/mCE/relative mCE against the ViT of its
+  seed, then a summary row: the paired t-interval over seeds of mCE - 1 and of the difference
+  in mean corruption error. Seeds whose results are missing or not at the final step are named.
+  """
+  from diffvit_jax.errors import DataError
+  from diffvit_jax.evaluation import robustness
+
+  rows = []
+  for comparison in comparisons_:
+    if not comparison.matched:
+      continue
+    base = {r.seed: r for r in comparison.baseline.runs}
+    mine = {r.seed: r for r in comparison.model.runs}
+    seeds, left_out = [], []
+    key = dict(protocol=comparison.model.protocol, size=comparison.model.size,
+               arch=comparison.model.arch, baseline=comparison.baseline.arch,
+               baseline_name=comparison.baseline.name)
+    for seed in comparison.paired_seeds:
+      reason = "; ".join(f"{label}: {why}" for label, why in (
+          (comparison.baseline.label, _robustness_reason(base[seed])),
+          (comparison.model.label, _robustness_reason(mine[seed]))) if why)
+      if not reason:
+        try:
+          paired = robustness.paired_with_baseline(mine[seed].robustness, base[seed].robustness)
+        except DataError as e:
+          reason = str(e)
+      if reason:
+        left_out.append(f"seed {seed} ({reason})")
+        continue
+      seeds.append(seed)
+      rows.append(dict(key, kind="seed", seed=seed, mce=paired["mce"],
+                       relative_mce=paired["relative_mce"],
+                       mean_corruption_error_difference=paired[
+                           "mean_corruption_error_difference"],
+                       coverage=paired["status"],
+                       ce=" ".join(f"{c}={v:.4f}" for c, v in sorted(paired["ce"].items()))))
+    if not seeds and not left_out:
+      continue
+    mine_rows = [r for r in rows if r.get("kind") == "seed" and r["arch"] == key["arch"]
+                 and (r["protocol"], r["size"]) == (key["protocol"], key["size"])]
+    mce = verdict.paired_interval([r["mce"] - 1 for r in mine_rows])
+    error = verdict.paired_interval([r["mean_corruption_error_difference"] for r in mine_rows])
+    rows.append(dict(key, kind="summary", seeds=" ".join(map(str, seeds)), n_paired=len(seeds),
+                     mce_minus_1_mean=mce.mean, mce_minus_1_ci_low=mce.low,
+                     mce_minus_1_ci_high=mce.high, error_difference_mean=error.mean,
+                     error_difference_ci_low=error.low, error_difference_ci_high=error.high,
+                     reading=verdict.secondary_reading([r["mce"] - 1 for r in mine_rows]),
+                     left_out="; ".join(left_out)))
+  return rows
+
+
+def robustness_paired_markdown(rows: list[dict]) -> str:
+  header = ["protocol", "size", "comparison", "seed", "mCE % (baseline: ViT of the seed)",
+            "relative mCE %", "mean corruption error difference"]
+  body = []
+  for r in rows:
+    comparison = f"{registry.label(r['arch'])} vs {r['baseline_name']}"
+    if r["kind"] == "seed":
+      body.append([r["protocol"], r["size"], comparison, str(r["seed"]), _pct(r["mce"]),
+                   _pct(r["relative_mce"]),
+                   _signed(r["mean_corruption_error_difference"], "top1")])
+    else:
+      mce = _interval(r["mce_minus_1_mean"], r["mce_minus_1_ci_low"], r["mce_minus_1_ci_high"],
+                      "top1")
+      error = _interval(r["error_difference_mean"], r["error_difference_ci_low"],
+                        r["error_difference_ci_high"], "top1")
+      seeds = f"all {r['n_paired']}" + (f"; left out: {r['left_out']}" if r["left_out"] else "")
+      body.append([r["protocol"], r["size"], comparison, seeds,
+                   f"mCE − 100%: {mce} ({r['reading']})", "", error])
+  return markdown_table(header, body, "llllrrr")
+
+
 def write_csv(rows: list[dict], path: str) -> None:
   columns = []
   for row in rows:
