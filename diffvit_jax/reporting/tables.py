@@ -364,6 +364,8 @@ def robustness_paired_rows(comparisons_: list[Comparison]) -> list[dict]:
       continue
     base = {r.seed: r for r in comparison.baseline.runs}
     mine = {r.seed: r for r in comparison.model.runs}
+    if not any(r.robustness for r in comparison.model.runs):
+      continue  # No corrupted evaluation of the differential model: nothing to pair.
     seeds, left_out = [], []
     key = dict(protocol=comparison.model.protocol, size=comparison.model.size,
                arch=comparison.model.arch, baseline=comparison.baseline.arch,
@@ -387,8 +389,6 @@ def robustness_paired_rows(comparisons_: list[Comparison]) -> list[dict]:
                            "mean_corruption_error_difference"],
                        coverage=paired["status"],
                        ce=" ".join(f"{c}={v:.4f}" for c, v in sorted(paired["ce"].items()))))
-    if not seeds and not left_out:
-      continue
     mine_rows = [r for r in rows if r.get("kind") == "seed" and r["arch"] == key["arch"]
                  and (r["protocol"], r["size"]) == (key["protocol"], key["size"])]
     mce = verdict.paired_interval([r["mce"] - 1 for r in mine_rows])
