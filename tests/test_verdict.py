@@ -450,3 +450,18 @@ def test_matches_says_whether_a_workdir_holds_the_requested_run(tmp_path):
   assert runs_lib.matches(str(tmp_path / "none"), config)[0] == runs_lib.NOT_FINISHED
   _rewrite_info(workdir, completed_steps=15)
   assert runs_lib.matches(workdir, digits_config("vit", 0))[0] == runs_lib.NOT_FINISHED
+
+
+def test_resume_identity_covers_the_recipe_but_not_the_intervals():
+  from diffvit_jax.training import checkpointing
+
+  config = digits_config("vit", 0)
+  identity = checkpointing.resume_identity(config)
+  for field, value in (("seed", 1), ("batch_size", 64), ("learning_rate", 1e-2)):
+    other = digits_config("vit", 0)
+    other.train[field] = value
+    assert checkpointing.resume_identity(other) != identity, field
+  same = digits_config("vit", 0)
+  same.train.update(log_every=3, eval_every=7, checkpoint_every=9, keep_checkpoints=1)
+  same.model.attention_impl = "einsum"
+  assert checkpointing.resume_identity(same) == identity
