@@ -13,9 +13,14 @@ masks of different calls do not repeat each other. That is ample for
 dropout, whose masks only need to be independent of the data and of each
 other; use jax.random for anything else. The keep probability is exact to
 2^-32 and kept values are scaled by 1 / keep, as `nn.Dropout` does. The mask
-depends only on (rng, shape), not on how the batch is sharded.
+depends only on (rng, shape, example index), not on how the batch is sharded:
+row r of a microbatch is example `stride * r + offset` of the global batch
+(`example_rows`, set by the train step), so gradient accumulation draws the
+masks the whole batch would.
 """
 
+import contextlib
+import contextvars
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -32,15 +37,41 @@ def _lowbias32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
+# (stride, offset): row r of the tensors being dropped is example stride * r + offset.
+_ROWS = contextvars.ContextVar("dropout_example_rows", default=(1, 0))
+
+
+@contextlib.contextmanager
+def example_rows(stride: int, offset):
+  """Within this block (at trace time), row r of the batch is global example stride*r + offset.
+
+  `offset` may be traced (a microbatch index inside `lax.scan`).
+  """
+  token = _ROWS.set((stride, offset))
+  try:
+    yield
+  finally:
+    _ROWS.reset(token)
+
+
 def hashed_bits(rng: jax.Array, shape: Sequence[int]) -> jax.Array:
-  """uint32 bits of `shape`, a function of (rng, element index) only."""
+  """uint32 bits of `shape`, a function of (rng, global element index) only.
+
+  The leading axis is the batch; its rows are mapped to global examples by `example_rows`.
+  """
   seed = jax.random.bits(rng, (2,), jnp.uint32)
-  size = 1
-  for dim in shape:
-    size *= dim
-  if size >= 2**32:
-    raise ValueError(f"A dropout mask of {size} elements needs more than 32-bit indices.")
-  index = lax.iota(jnp.uint32, size).reshape(shape) if shape else jnp.uint32(0)
+  if not shape:
+    return _lowbias32(_lowbias32(seed[0]) ^ seed[1])
+  stride, offset = _ROWS.get()
+  inner = 1
+  for dim in shape[1:]:
+    inner *= dim
+  if shape[0] * stride * inner >= 2**32:
+    raise ValueError(f"A dropout mask of {shape[0] * stride * inner} elements needs more "
+                     "than 32-bit indices.")
+  rows = lax.iota(jnp.uint32, shape[0]) * jnp.uint32(stride) + jnp.asarray(offset, jnp.uint32)
+  within = lax.iota(jnp.uint32, inner)
+  index = (rows[:, None] * jnp.uint32(inner) + within[None, :]).reshape(shape)
   return _lowbias32(_lowbias32(index + seed[0]) ^ seed[1])
 
 

@@ -71,7 +71,7 @@ class EncoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:  # positional for remat
     # Stochastic depth: drop the whole residual branch per example, scale the
     # kept ones by 1 / (1 - rate) (timm's DropPath with scale_by_keep).
     drop_path = Dropout(self.drop_path, broadcast_dims=(1, 2), name="drop_path")
@@ -108,7 +108,8 @@ class ViT(nn.Module):
   stoch_depth: float = 0.0
   attention_impl: str = "einsum"  # resolved: 'einsum' | 'xla' | 'cudnn'
   attention_chunk_mib: int = 1024
-  dtype: str = "float32"  # compute dtype; parameters stay float32
+  dtype: str = "float32"  # compute dtype; the rest is models/precision.py's table
+  remat: bool = False  # recompute each block in the backward pass (same numbers, less memory)
 
   def attention_fn(self, layer: int) -> Callable[..., nn.Module]:
     """The attention constructor for the 1-based `layer` (call it with name=...)."""
@@ -150,10 +151,12 @@ class ViT(nn.Module):
     x = Dropout(self.dropout)(x, deterministic=not train)
 
     rates = stochastic_depth_rates(self.stoch_depth, self.depth)
+    # static_argnums: `train` (argument 2, counting the module) is a Python bool.
+    block = nn.remat(EncoderBlock, static_argnums=(2,)) if self.remat else EncoderBlock
     for i in range(self.depth):
-      x = EncoderBlock(self.attention_fn(layer=i + 1), mlp_dim=self.mlp_dim, norm=self.norm,
+      x = block(self.attention_fn(layer=i + 1), mlp_dim=self.mlp_dim, norm=self.norm,
                        dropout=self.dropout, drop_path=rates[i], dtype=dtype,
-                       name=f"block_{i}")(x, train=train)
+                       name=f"block_{i}")(x, train)
 
     # Final norm on every token before pooling, for both pools (timm fc_norm=False).
     x = make_norm(self.norm, eps=BLOCK_NORM_EPS, dtype=dtype, name="norm")(x)

@@ -15,6 +15,7 @@ import optax
 from clu import metrics
 from flax.training import train_state
 
+from diffvit_jax.models import dropout as dropout_lib
 from diffvit_jax.training import optim
 
 _NEVER = jnp.iinfo(jnp.int32).max
@@ -156,20 +157,62 @@ def training_targets(rng, batch, *, train_config, num_classes: int):
   return images, targets, jnp.argmax(mixed, -1)
 
 
-def train_step(state: TrainState, batch, *, config, learning_rate_fn):
-  """One AdamW step on a globally sharded batch; returns the new state and metrics."""
+def split_microbatches(tree, microbatches: int):
+  """[B, ...] leaves -> [microbatches, B / microbatches, ...]; microbatch m = rows m, m + n, ...
+
+  A strided split: each device's rows of a microbatch are among its own rows of
+  the batch (nothing moves between devices), and row r of microbatch m is
+  example `microbatches * r + m`, which keys its dropout masks (models/dropout.py).
+  """
+  def split(x):
+    x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:])
+    return jnp.moveaxis(x, 1, 0)
+  return jax.tree_util.tree_map(split, tree)
+
+
+def train_step(state: TrainState, batch, *, config, learning_rate_fn, microbatches: int = 1,
+               microbatch_sharding=None):
+  """One AdamW step on a globally sharded batch; returns the new state and metrics.
+
+  Mixing is drawn over the whole batch; with `microbatches` > 1 the gradient of
+  the mean loss is accumulated over strided microbatches (`lax.scan`), each
+  example keeping its dropout and drop-path masks, so the update is the
+  whole-batch update up to float rounding. `microbatch_sharding` lays out the
+  [microbatches, B / microbatches, ...] split (batch axis over 'data').
+  """
   tcfg = config.train
   step_rng = jax.random.fold_in(state.rng, state.step)
   mix_rng, dropout_rng = jax.random.split(step_rng)
   images, targets, dominant = training_targets(mix_rng, batch, train_config=tcfg,
                                                num_classes=config.model.num_classes)
 
-  def loss_fn(params):
-    logits = state.apply_fn({"params": params}, images, train=True,
-                            rngs={"dropout": dropout_rng})
-    return optax.softmax_cross_entropy(logits, targets).mean(), logits
+  def loss_and_grads(params, images, targets, dominant, offset):
+    def loss_fn(params):
+      with dropout_lib.example_rows(microbatches, offset):
+        logits = state.apply_fn({"params": params}, images, train=True,
+                                rngs={"dropout": dropout_rng})
+      return optax.softmax_cross_entropy(logits, targets).mean(), logits
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, loss, (jnp.argmax(logits, -1) == dominant).mean()
+
+  if microbatches == 1:
+    grads, loss, accuracy = loss_and_grads(state.params, images, targets, dominant, 0)
+  else:
+    parts = split_microbatches((images, targets, dominant), microbatches)
+    if microbatch_sharding is not None:
+      parts = jax.lax.with_sharding_constraint(parts, microbatch_sharding)
+
+    def accumulate(total, part):
+      index, (part_images, part_targets, part_dominant) = part
+      values = loss_and_grads(state.params, part_images, part_targets, part_dominant, index)
+      return jax.tree_util.tree_map(jnp.add, total, values), None
+
+    zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.params), jnp.float32(0),
+             jnp.float32(0))
+    total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), parts))
+    grads, loss, accuracy = jax.tree_util.tree_map(lambda x: x / microbatches, total)
+
   grad_norm = optax.global_norm(grads)
   new_state = state.apply_gradients(grads=grads)
   # A non-finite step never reaches the parameters: 'skip' carries on from the
@@ -179,8 +222,7 @@ def train_step(state: TrainState, batch, *, config, learning_rate_fn):
       lambda new, old: jnp.where(finite, new, old), new_state,
       state.replace(step=state.step + 1))
   step_metrics = TrainMetrics.single_from_model_output(
-      loss=loss, accuracy_vs_dominant_target=(jnp.argmax(logits, -1) == dominant).mean(),
-      grad_norm=grad_norm,
+      loss=loss, accuracy_vs_dominant_target=accuracy, grad_norm=grad_norm,
       learning_rate=learning_rate_fn(state.step), step=state.step)
   return new_state, step_metrics
 
@@ -194,11 +236,13 @@ def eval_step(state: TrainState, batch, *, num_classes: int):
       loss=loss, top1=(top5[:, 0] == labels).astype(jnp.float32),
       top5=(top5 == labels[:, None]).any(-1).astype(jnp.float32), mask=batch["mask"])
 
-def jit_steps(config, mesh, total_steps: int, *, num_train_examples: int | None = None):
+def jit_steps(config, mesh, total_steps: int, *, num_train_examples: int | None = None,
+              microbatches: int = 1):
   """The jitted train and eval steps: batch sharded over 'data', state replicated.
 
   The train step donates the incoming state so parameters and optimizer state
-  are updated in place. `num_train_examples` turns `train.warmup_epochs` into steps.
+  are updated in place. `num_train_examples` turns `train.warmup_epochs` into steps;
+  `microbatches` is the memory plan's gradient accumulation (training/memory.py).
   """
   from jax.sharding import NamedSharding, PartitionSpec
 
@@ -207,7 +251,9 @@ def jit_steps(config, mesh, total_steps: int, *, num_train_examples: int | None 
   learning_rate_fn = optim.learning_rate_schedule(config.train, total_steps,
                                                   num_train_examples=num_train_examples)
   train = jax.jit(
-      functools.partial(train_step, config=config, learning_rate_fn=learning_rate_fn),
+      functools.partial(train_step, config=config, learning_rate_fn=learning_rate_fn,
+                        microbatches=microbatches,
+                        microbatch_sharding=NamedSharding(mesh, PartitionSpec(None, "data"))),
       in_shardings=(replicated, data), out_shardings=(replicated, replicated),
       donate_argnums=0)
   evaluate = jax.jit(
