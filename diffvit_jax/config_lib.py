@@ -44,7 +44,11 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   # resolved path is logged and written to run_info.json ('attention').
   m.attention_impl = "auto"
   m.attention_chunk_mib = 0  # 'xla' path: float32 probabilities per chunk; 0 = by backend
-  m.dtype = "float32"  # compute dtype ('float32' | 'bfloat16'); parameters stay float32
+  # Compute dtype ('float32' | 'bfloat16'); what stays float32 is models/precision.py's table.
+  m.dtype = "float32"
+  # Rematerialise each block in the backward pass (jax.checkpoint): less memory, ~1/3 more
+  # compute, the same numbers. The memory plan (training/memory.py) says when it is needed.
+  m.remat = False
   m.update(overrides)
   return m
 
@@ -120,6 +124,14 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
   t.checkpoint_every = 1000  # steps; a checkpoint is also saved at the end
   t.keep_checkpoints = 3
   t.log_every = 50
+  # Gradient accumulation: each device's share of the batch is split into this many
+  # microbatches ('auto', or a count such as '4'); 'auto' = the fewest that fit the
+  # device's memory (training/memory.py). The update equals the whole-batch one, so a
+  # resumed run may use another count.
+  t.microbatches = "auto"
+  # Memory of one device in GiB, for the memory plan; 0 = ask the device (GPUs say, the
+  # CPU does not: there 0 means no limit is known and 'auto' takes one microbatch).
+  t.device_memory_gib = 0.0
   t.on_nonfinite = "stop"  # 'stop' | 'skip' the update
   t.profile = False
   # Multi-host: bare jax.distributed.initialize(), which detects SLURM / Open MPI / TPU pods.
@@ -141,7 +153,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def _choices() -> dict[str, tuple]:
   from diffvit_jax.data import augment, sources
-  from diffvit_jax.models import attention_impl, norms, posemb, registry
+  from diffvit_jax.models import attention_impl, norms, posemb, precision, registry
 
   return {
       "model.arch": tuple(registry.ARCHS),
@@ -150,7 +162,7 @@ def _choices() -> dict[str, tuple]:
       "model.norm": norms.NORMS,
       "model.diff_head_norm": norms.HEAD_NORMS,
       "model.attention_impl": attention_impl.IMPLS,
-      "model.dtype": ("float32", "bfloat16"),
+      "model.dtype": precision.COMPUTE_DTYPES,
       "data.source": tuple(sources.SOURCES),
       "data.crop": ("none", "random_resized", "pad_crop"),
       "data.randaugment_interpolation": augment.INTERPOLATIONS,
@@ -190,6 +202,18 @@ def _check_positive_ints(config, fields, prefix: str = "") -> None:
       _fail(prefix + field, f"must be a positive integer, got {value!r}.")
 
 
+def microbatches(train_config) -> int | None:
+  """`train.microbatches` as a count, or None for 'auto'; ConfigError if it is neither."""
+  value = train_config.microbatches
+  text = str(value).strip()
+  if text == "auto":
+    return None
+  if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+    _fail("train.microbatches", f"must be 'auto' or a positive integer such as '4', got "
+          f"{value!r}.")
+  return int(text)
+
+
 def validate_model(m) -> None:
   """Checks `config.model` (what `models.build_model` reads); ConfigError naming the field."""
   from diffvit_jax.models import registry
@@ -212,6 +236,8 @@ def validate_model(m) -> None:
   for field in ("dropout", "attn_dropout", "stoch_depth"):
     if not 0.0 <= m[field] < 1.0:
       _fail(f"model.{field}", f"must be in [0, 1), got {m[field]!r}.")
+  if not isinstance(m.remat, bool):
+    _fail("model.remat", f"must be True or False, got {m.remat!r}.")
   if not isinstance(m.attention_chunk_mib, int) or m.attention_chunk_mib < 0:
     _fail("model.attention_chunk_mib", f"must be an integer >= 0 (0: the backend's default), "
           f"got {m.attention_chunk_mib!r}.")
@@ -257,6 +283,10 @@ def validate(config, *, workdir: str | None = None, mode: str = "train",
         fail(f"train.{field}", f"must be an integer >= 0, got {t[field]!r}.")
     if not t.warmup_epochs >= 0:
       fail("train.warmup_epochs", f"must be >= 0, got {t.warmup_epochs!r}.")
+    microbatches(t)  # Raises ConfigError if it is neither 'auto' nor a positive count.
+    if not (isinstance(t.device_memory_gib, (int, float)) and t.device_memory_gib >= 0):
+      fail("train.device_memory_gib", f"must be a number of GiB >= 0 (0: ask the device), "
+           f"got {t.device_memory_gib!r}.")
     if t.warmup_epochs and t.warmup_steps:
       fail("train.warmup_epochs", f"{t.warmup_epochs!r} and train.warmup_steps="
            f"{t.warmup_steps!r} are both set: say the warmup one way (epochs follow the batch "
@@ -285,6 +315,10 @@ def validate(config, *, workdir: str | None = None, mode: str = "train",
     if _get(config, field) % num_devices:
       fail(field, f"the global batch {_get(config, field)} is not divisible by the "
            f"{num_devices} devices; batch sizes in configs are global.")
+  per_device, count = t.batch_size // num_devices, microbatches(t)
+  if mode == "train" and count and per_device % count:
+    fail("train.microbatches", f"{count} does not divide the {per_device} examples "
+         f"each of the {num_devices} device(s) gets of train.batch_size={t.batch_size}.")
   if workdir is not None:
     if not workdir:
       raise ConfigError("--workdir is empty: give a directory for checkpoints and logs.")

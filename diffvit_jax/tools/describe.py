@@ -1,26 +1,33 @@
-r"""Print a model's parameter tree and its size, without allocating it.
+r"""Print a model's parameter tree and its size, without allocating it; and its memory plan.
 
   python -m diffvit_jax.tools.describe --config configs/tiny_imagenet.py:diffvit_20m \
       [--config.model.depth=12 ...]
+  python -m diffvit_jax.tools.describe --config configs/tiny_imagenet.py:diffvit_30m \
+      --memory --num_devices 4 --config.train.device_memory_gib=24   # e.g. 4x RTX 4090
 
 Prints clu's parameter overview of the real tree (from `jax.eval_shape`) and,
 as the last line, one JSON object (params, non_embedding_params, arch, tokens,
 gflops_per_image, width, depth, heads, attention_heads, extra_params_vs_vit: what
 the attention kind adds to the classic ViT of the same config) for scripts to parse.
+`--memory` adds 'memory_plan' (training/memory.py): the train step compiled, not run,
+for one device's share of the batch over `--num_devices`, on this machine's backend.
 """
 
 import json
 import sys
 
-from absl import app
+from absl import app, flags
 from clu import parameter_overview
 from ml_collections import config_flags
 
-from diffvit_jax.errors import UserError
+from diffvit_jax.errors import ConfigError, UserError
 from diffvit_jax.models import registry, stats
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (e.g. "
                                           "configs/tiny_imagenet.py:vit_10m).", lock_config=True)
+_MEMORY = flags.DEFINE_bool("memory", False, "Also plan the train step's memory (compiles it).")
+_NUM_DEVICES = flags.DEFINE_integer(
+    "num_devices", 0, "Devices the global batch is split over for --memory (0: this machine's).")
 
 
 def describe(config) -> tuple[str, dict]:
@@ -41,16 +48,47 @@ def describe(config) -> tuple[str, dict]:
   return overview, summary
 
 
+def memory_plan(config, num_devices: int = 0):
+  """The memory plan of one device running its share of the batch over `num_devices`.
+
+  Compiled on one local device at the per-device batch (a data-parallel step holds the same
+  per device, up to its gradient all-reduce); total steps from `train.steps` or 10k.
+  """
+  import jax
+
+  from diffvit_jax.data import sharding
+  from diffvit_jax.training import trainer as trainer_lib
+
+  num_devices = num_devices or jax.device_count()
+  batch = config.train.batch_size
+  if batch % num_devices:
+    raise ConfigError(f"config.train.batch_size={batch} is not divisible by --num_devices="
+                      f"{num_devices}.")
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.train.batch_size = batch // num_devices
+  mesh = sharding.make_mesh(jax.local_devices()[:1])
+  # Warmup in epochs needs a data set size; any stands in, the step's memory does not change.
+  trainer = trainer_lib.build(config, mesh, config.train.steps or 10_000,
+                              num_train_examples=100_000)
+  return trainer.memory_plan
+
+
 def main(argv):
   del argv
   try:
     if _CONFIG.value is None:
       raise UserError("--config is required, e.g. --config configs/tiny_imagenet.py:vit_10m.")
     overview, summary = describe(_CONFIG.value)
+    if _MEMORY.value:
+      plan = memory_plan(_CONFIG.value, _NUM_DEVICES.value)
+      summary["memory_plan"] = plan.as_dict()
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
   print(overview)
+  if _MEMORY.value:
+    print(f"Memory plan: {plan.describe()}")
   print(json.dumps(summary))
 
 

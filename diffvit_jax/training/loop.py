@@ -19,6 +19,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from diffvit_jax import cpu_runtime, distributed, models
 from diffvit_jax.data import input_pipeline, sharding
 from diffvit_jax.errors import ConfigError, DivergenceError, Preempted
+from diffvit_jax.models import precision
 from diffvit_jax.training import checkpointing, optim, steps
 from diffvit_jax.training import trainer as trainer_lib
 from diffvit_jax.training.optim import total_train_steps  # noqa: F401  (the loop's API)
@@ -125,7 +126,7 @@ class Run:
   recipe: optim.Recipe  # steps, warmup and peak learning rate at this batch and data set
 
 
-def setup(config, workdir: str) -> Run:
+def setup(config, workdir: str, *, for_training: bool = True) -> Run:
   """Everything a run needs before its first step (shared with `eval` mode)."""
   mesh = sharding.make_mesh()
   info = input_pipeline.get_dataset_info(config.data)
@@ -134,9 +135,13 @@ def setup(config, workdir: str) -> Run:
         f"config.model.num_classes={config.model.num_classes} but the data source "
         f"{config.data.source!r} has {info.num_classes} classes.")
   recipe = optim.derive_recipe(config.train, info.num_train)
-  trainer = trainer_lib.build(config, mesh, recipe.total_steps, num_train_examples=info.num_train)
+  trainer = trainer_lib.build(config, mesh, recipe.total_steps, num_train_examples=info.num_train,
+                              for_training=for_training)
   logging.info("Attention: %s (config.model.attention_impl=%r; %s).", trainer.attention.impl,
                trainer.attention.requested, trainer.attention.reason)
+  logging.info("Precision: %s.", precision.policy(config.model).describe())
+  if trainer.memory_plan is not None:
+    logging.info("Memory plan: %s.", trainer.memory_plan.describe())
   logging.info("CPU runtime: %s.", trainer.cpu_runtime)
   return Run(trainer=trainer, info=info, ckpt=checkpointing.Checkpointer(workdir, config),
              recipe=recipe)
@@ -185,6 +190,7 @@ def _train_and_evaluate(config, workdir: str, guard: PreemptionGuard) -> dict:
       num_train=info.num_train, num_eval=info.num_eval,
       **run.recipe.as_dict(),
       attention=run.trainer.attention.as_dict(), cpu_runtime=run.trainer.cpu_runtime,
+      precision=run.trainer.precision, memory_plan=run.trainer.memory_plan.as_dict(),
       config=json.loads(config.to_json_best_effort()))
   run_info.setdefault("train_seconds", 0.0)
   if is_chief:  # Now, not at the first save: the tools read the run's config from here.
@@ -307,7 +313,7 @@ def _train_and_evaluate(config, workdir: str, guard: PreemptionGuard) -> dict:
 
 def evaluate_checkpoint(config, workdir: str, *, best: bool = False) -> dict:
   """`--mode eval`: the latest (or best) checkpoint on the evaluation split."""
-  run = setup(config, workdir)
+  run = setup(config, workdir, for_training=False)
   ckpt, trainer = run.ckpt, run.trainer
   state, eval_step, mesh = trainer.state, trainer.eval_step, trainer.mesh
   if ckpt.latest_step() is None:
