@@ -28,8 +28,8 @@ MODEL_SIZES = {
 }
 SHARED = {
     "model.attention_chunk_mib": 0, "model.attention_impl": "auto", "model.attn_dropout": 0.0,
-    "model.diff_head_norm": "rmsnorm", "model.dtype": "float32", "model.num_classes": 200,
-    "model.posemb": "learn",
+    "model.diff_head_norm": "rmsnorm", "model.dtype": "bfloat16", "model.num_classes": 200,
+    "model.posemb": "learn", "model.remat": False,
     "data.source": "tiny_imagenet", "data.dir": "", "data.manual_dir": "",
     "data.train_split": "train", "data.eval_split": "validation", "data.crop_scale_min": 0.35,
     "data.train_corruption": "", "data.train_severity": 0, "data.eval_corruption": "",
@@ -40,7 +40,8 @@ SHARED = {
     "train.steps": 0, "train.b1": 0.9, "train.b2": 0.999, "train.mix_prob": 1.0,
     "train.seed": 0, "train.eval_every": 500, "train.checkpoint_every": 500,
     "train.keep_checkpoints": 3, "train.log_every": 50, "train.on_nonfinite": "stop",
-    "train.profile": False, "train.distributed": False,
+    "train.profile": False, "train.distributed": False, "train.microbatches": "auto",
+    "train.device_memory_gib": 0.0,
 }
 PROTOCOLS = {
     # The study: fixed lr and warmup steps at its global batches, no augmentation at all.

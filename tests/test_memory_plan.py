@@ -1,4 +1,4 @@
-"""Gradient accumulation equals the whole-batch update; the memory plan fits the step to a device."""
+"""Gradient accumulation equals the whole-batch update; the memory plan fits a step to a device."""
 
 import functools
 import importlib.util

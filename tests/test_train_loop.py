@@ -11,11 +11,11 @@ from tensorboard.backend.event_processing import event_accumulator
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def train(workdir, steps):
+def train(workdir, steps, *flags):
   cmd = [sys.executable, "-m", "diffvit_jax.main", "--config", "configs/digits.py:diffvit",
          "--workdir", str(workdir), f"--config.train.steps={steps}",
          "--config.train.eval_every=100", "--config.train.log_every=50",
-         "--config.train.checkpoint_every=100"]
+         "--config.train.checkpoint_every=100", *flags]
   result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == 0, result.stderr[-3000:]
@@ -43,7 +43,8 @@ def test_digits_run_learns_logs_checkpoints_and_resumes(tmp_path):
   assert sorted(os.listdir(workdir / "checkpoints")) == ["100", "200"]
   assert os.listdir(workdir / "best")
 
-  second = train(workdir, 250)
+  # Another microbatch count is the same run (the update is the whole-batch one).
+  second = train(workdir, 250, "--config.train.microbatches=2")
   assert "Resumed from the checkpoint at step 200" in second.stderr
   logged = scalars(workdir)
   assert logged["eval/top1"] == [100, 200, 250]  # Not restarted from step 0.
@@ -60,3 +61,9 @@ def test_digits_run_learns_logs_checkpoints_and_resumes(tmp_path):
   # What of the CPU runtime ran is part of the run's record, like the attention path.
   assert info["cpu_runtime"]["dense_weight_gradient"] == "from transposed x"
   assert info["cpu_runtime"]["max_steps_in_flight"] == 0
+  # And so are the precision policy and the memory plan of the last session.
+  assert info["precision"]["compute"] == "float32" and info["precision"]["params"] == "float32"
+  plan = info["memory_plan"]
+  assert plan["microbatches"] == 2 and plan["per_device_batch"] == 128
+  assert plan["bytes_per_device"] > 0 and plan["device_bytes_source"] == "unknown"
+  assert "Precision: compute float32" in second.stderr and "Memory plan: 2 micro" in second.stderr

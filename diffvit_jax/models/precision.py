@@ -2,8 +2,9 @@
 
   tensor class                                  dtype
   parameters, optimizer state, gradients        float32
-  matmul / conv inputs, the residual stream     compute dtype (`model.dtype`)
+  matmul / conv inputs, block activations       compute dtype (`model.dtype`)
   matmul accumulation                           float32 (XLA / cuDNN accumulate in f32)
+  the residual stream (block outputs added)     float32, as under PyTorch's autocast
   attention logits, softmax and its statistics  float32
   norm statistics (LayerNorm, RMSNorm)          float32 (output in the compute dtype)
   lambda (exp / sigmoid) and its projection     float32
@@ -32,14 +33,16 @@ class Policy:
   softmax: str = "float32"
   norm_statistics: str = "float32"
   differential_lambda: str = "float32"
+  residual_stream: str = "float32"
   logits_and_loss: str = "float32"
 
   def as_dict(self) -> dict:
     return dataclasses.asdict(self)
 
   def describe(self) -> str:
-    return (f"compute {self.compute} (matmul inputs, activations); float32 parameters, "
-            "optimizer state, gradients, softmax, norm statistics, lambda, logits and loss")
+    return (f"compute {self.compute} (matmul inputs, block activations); float32 parameters, "
+            "optimizer state, gradients, residual stream, softmax, norm statistics, lambda, "
+            "logits and loss")
 
 
 def policy(model_config) -> Policy:

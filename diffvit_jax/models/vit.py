@@ -135,10 +135,12 @@ class ViT(nn.Module):
     batch, grid_h, grid_w, _ = x.shape
     x = x.reshape(batch, grid_h * grid_w, self.width)
 
+    # The residual stream is float32 (models/precision.py), as under PyTorch's autocast:
+    # blocks compute in `dtype` and their outputs are added to it in float32.
+    x = x.astype(jnp.float32)
     if self.pool == "cls":
       cls = self.param("cls", nn.initializers.normal(stddev=1e-6), (1, 1, self.width), jnp.float32)
-      x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (batch, 1, self.width)), x],
-                          axis=1)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)), x], axis=1)
     if self.posemb == "learn":
       # As timm: the class token has a position too (concat, then add).
       pos = self.param("pos_embedding", nn.initializers.truncated_normal(stddev=0.02),
@@ -147,7 +149,7 @@ class ViT(nn.Module):
       # Fixed; the class token (if any) gets zeros, i.e. no position.
       table = posemb.sincos_2d(grid_h, grid_w, self.width)
       pos = np.pad(table, [(x.shape[1] - table.shape[0], 0), (0, 0)])[None]
-    x = x + pos.astype(dtype)
+    x = x + pos
     x = Dropout(self.dropout)(x, deterministic=not train)
 
     rates = stochastic_depth_rates(self.stoch_depth, self.depth)
