@@ -5,7 +5,7 @@ data/input_pipeline.py); jitted steps are collectives, so the processes must
 also agree on everything that changes the sequence of steps, saves and
 evaluations. The only such decision not already a function of the step is
 the stop on SIGTERM/SIGINT, which reaches the processes at different times:
-`any_process` turns each process's flag into one answer for all.
+`stop_agreed` turns each process's flag into one answer for all.
 """
 
 import re
@@ -68,14 +68,16 @@ def initialize(distributed: bool, coordinator_address: str = "",
         "host, and that its port is reachable from all hosts.") from e
 
 
-def stop_agreed(step: int, signalled: bool) -> bool:
+def stop_agreed(step: int, signalled: bool, *, gather: bool) -> bool:
   """Whether every process stops after `step`: true on all of them, or on none.
 
   `signalled` is this process's own SIGTERM/SIGINT flag (the training loop's
-  handler); with several processes the flags are gathered (a small collective
-  each step, so every process must call this at every step). A SIGTERM that
-  came before that handler was installed (after `initialize`) was caught by
-  JAX's preemption notifier instead; its sync point is agreed across processes too.
+  handler). With several processes the flags are gathered only when `gather`
+  (a collective that waits for the step: the loop asks at its log, eval and save
+  steps and every `train.stop_check_every` steps, where it synchronises anyway);
+  every process passes the same `gather` for a step. A SIGTERM that came before
+  that handler was installed was caught by JAX's preemption notifier instead;
+  its sync point (a host-side check, made at every step) is agreed across processes too.
   """
   import jax
 
@@ -83,10 +85,9 @@ def stop_agreed(step: int, signalled: bool) -> bool:
     return signalled
   from jax.experimental import multihost_utils
 
-  if multihost_utils.process_allgather(np.int32(signalled)).any():
-    return True
   try:
-    return multihost_utils.reached_preemption_sync_point(step)
+    if multihost_utils.reached_preemption_sync_point(step):
+      return True
   except RuntimeError:  # No preemption service (e.g. jax_enable_preemption_service off).
-    return False
-
+    pass
+  return gather and bool(multihost_utils.process_allgather(np.int32(signalled)).any())

@@ -41,7 +41,7 @@ SHARED = {
     "train.seed": 0, "train.eval_every": 500, "train.checkpoint_every": 500,
     "train.keep_checkpoints": 3, "train.log_every": 50, "train.on_nonfinite": "stop",
     "train.profile": False, "train.distributed": False, "train.microbatches": "auto",
-    "train.device_memory_gib": 0.0,
+    "train.device_memory_gib": 0.0, "train.stop_check_every": 100,
 }
 PROTOCOLS = {
     # The study: fixed lr and warmup steps at its global batches, no augmentation at all.

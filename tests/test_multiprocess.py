@@ -176,3 +176,22 @@ def test_start_up_flags_are_checked_before_jax_starts():
                         (("10.0.0.1:1", 2, 2), r"process_id=2: must be in \[0, 2\)")):
     with pytest.raises(ConfigError, match=message):
       distributed.check_args(*args)
+
+
+def test_stop_flags_are_gathered_only_at_the_steps_that_ask(monkeypatch):
+  """Between log/eval/save steps nothing waits for the devices: no per-step collective."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  from diffvit_jax import distributed
+
+  gathered, polled = [], []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: gathered.append(int(x)) or np.array([x, 1]))
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                      lambda step: polled.append(step) or False)
+  stops = [distributed.stop_agreed(step, False, gather=step % 4 == 0) for step in range(1, 9)]
+  assert polled == list(range(1, 9))  # The preemption sync point: host-side, every step.
+  assert len(gathered) == 2  # Steps 4 and 8 only.
+  assert stops == [False, False, False, True, False, False, False, True]  # The other's flag.
