@@ -54,10 +54,14 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's id, 0 .. nu
 
 
 class _LibraryInfoFilter(py_logging.Filter):
-  """Drops INFO chatter of orbax (dozens of lines per save); keeps its warnings."""
+  """Drops INFO chatter of orbax (dozens of lines per save); keeps its warnings and errors,
+  without their tracebacks: a failed save ends the run with its own paragraph."""
 
   def filter(self, record):
-    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    record.exc_info = record.exc_text = None
+    return record.levelno >= py_logging.WARNING
 
 
 def _config_for(mode: str, flag_config, workdir: str):

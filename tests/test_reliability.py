@@ -132,14 +132,18 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
 
 def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
   workdir = tmp_path / "run"
-  good = run_main(workdir, "--config.train.steps=10")
+  # A recipe that diverges at every step, whose first 10 steps are skipped (and saved): the
+  # resume, which may change only what does not change the run, then stops at step 10.
+  diverging = ("--config.train.learning_rate=1e30", "--config.train.schedule=constant",
+               "--config.train.warmup_steps=0", "--config.train.grad_clip=0")
+  good = run_main(workdir, "--config.train.steps=10", "--config.train.on_nonfinite=skip",
+                  *diverging)
   assert good.returncode == 0, good.stderr[-3000:]
-  bad = run_main(workdir, "--config.train.steps=40", "--config.train.learning_rate=1e30",
-                 "--config.train.schedule=constant", "--config.train.warmup_steps=0",
-                 "--config.train.grad_clip=0")
+  bad = run_main(workdir, "--config.train.steps=40", *diverging)
   assert bad.returncode == 3, bad.stderr[-3000:]
   assert "Traceback" not in bad.stderr
-  assert "diverged" in bad.stderr and "not finite at step 1" in bad.stderr
+  assert "diverged" in bad.stderr and "not finite at step 10" in bad.stderr
+  assert "in a new --workdir" in bad.stderr
   assert "last good checkpoint is step 10" in bad.stderr
   step, params = final_params(workdir)
   assert step == 10 and all(np.isfinite(p).all() for p in params)
@@ -208,3 +212,49 @@ def test_checkpoints_of_another_model_are_refused(tmp_path):
   assert "model.width" in other.stderr and "32" in other.stderr and "48" in other.stderr
   step, _ = final_params(workdir)
   assert step == 10  # The refused run did not touch the checkpoints.
+
+
+_FULL_DISK_AFTER_FIRST_SAVE = """
+import os, runpy, shutil, sys
+real, workdir = shutil.disk_usage, sys.argv[1]
+def disk_usage(path):  # The disk fills up once the first checkpoint is written.
+  usage = real(path)
+  done = bool(os.listdir(os.path.join(workdir, "checkpoints")))
+  return usage._replace(free=1000) if done else usage
+shutil.disk_usage = disk_usage
+sys.argv = ["diffvit_jax.main", *sys.argv[2:]]
+runpy.run_module("diffvit_jax.main", run_name="__main__")
+"""
+
+
+def test_full_disk_is_one_paragraph_and_keeps_the_last_good_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = main_cmd(workdir, "--config.train.steps=30")
+  result = subprocess.run([sys.executable, "-c", _FULL_DISK_AFTER_FIRST_SAVE, str(workdir),
+                           *cmd[3:]], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=_env())
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  error = result.stderr.strip().splitlines()[-1]
+  assert error.startswith("error: Could not save the checkpoint of step 20")
+  assert "not enough free space" in error and "the last good one is step 10" in error
+  assert "MiB" in error and "rerun the same command" in error
+  step, params = final_params(workdir)
+  assert step == 10 and all(np.isfinite(p).all() for p in params)
+
+
+def test_a_failed_asynchronous_save_is_one_paragraph(tmp_path, monkeypatch):
+  from diffvit_jax import config_lib
+  from diffvit_jax.errors import CheckpointError
+
+  ckpt = checkpointing.Checkpointer(str(tmp_path), config_lib.base_config())
+
+  def fail():
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(ckpt.latest, "wait_until_finished", fail)
+  with pytest.raises(CheckpointError) as error:
+    ckpt.wait()
+  message = str(error.value)
+  assert "OSError" in message and "No space left on device" in message
+  assert "the last good one is none" in message

@@ -12,8 +12,10 @@ batch or recipe is refused with the differences named, instead of being
 loaded into the wrong shapes or continued as a run that never was.
 """
 
+import contextlib
 import json
 import os
+import shutil
 import time
 from typing import Any
 
@@ -24,6 +26,10 @@ from absl import logging
 from diffvit_jax.errors import CheckpointError
 
 RUN_INFO = "run_info.json"  # The run's summary, with the config it trained with under 'config'.
+# Free space a save needs: the latest and the best checkpoint of one step (written beside the
+# kept ones before an old one is deleted), and orbax's metadata files.
+ROOM_FACTOR = 2.0
+ROOM_OVERHEAD = 4 * 2**20
 
 # Config fields that change the parameter tree or what the numbers mean.
 IDENTITY_FIELDS = {
@@ -176,13 +182,25 @@ def _barriers(name: str):
   return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
 
 
+def state_bytes(tree) -> int:
+  """Bytes of the arrays in `tree`: about what one checkpoint of it takes on disk."""
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)
+             if hasattr(x, "dtype"))
+
+
 class Checkpointer:
-  """Latest-K checkpoints in `<workdir>/checkpoints`, the best one in `<workdir>/best`."""
+  """Latest-K checkpoints in `<workdir>/checkpoints`, the best one in `<workdir>/best`.
+
+  A save that cannot be written (no space, a read-only or vanished file system)
+  stops the run with one paragraph, the checkpoints already written untouched.
+  """
 
   def __init__(self, workdir: str, config):
     self._identity = resume_identity(config)
     self._config_json = config.to_json_best_effort()
     root = os.path.abspath(workdir)
+    self.root = root
+    self._last_write = (None, 0)  # (step, bytes) of the latest save, for wait()'s errors
     self.latest = ocp.CheckpointManager(
         os.path.join(root, "checkpoints"),
         options=ocp.CheckpointManagerOptions(
@@ -225,7 +243,54 @@ class Checkpointer:
           "it started with, so that its result is that of one uninterrupted run. Use a new "
           "--workdir for the new config, or restore the original config to resume that run.")
 
+  def _finished_steps(self) -> list[int]:
+    """Steps whose checkpoints were completed (orbax renames a finished save to its step)."""
+    try:
+      return sorted(int(n) for n in os.listdir(self.latest.directory) if n.isdigit())
+    except OSError:
+      return []
+
+  def _write_failed(self, step: int, need: int, cause: BaseException | str) -> CheckpointError:
+    for manager in (self.latest, self.best):  # Saves still in flight finish (or fail) first.
+      with contextlib.suppress(Exception):
+        manager.wait_until_finished()
+    last = (self._finished_steps() or [None])[-1]
+    try:
+      free = f"{shutil.disk_usage(self.root).free / 2**20:.0f} MiB free"
+    except OSError:
+      free = "the file system cannot be read"
+    reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: " + (
+        str(cause).splitlines() or [""])[0]
+    return CheckpointError(
+        f"Could not save the checkpoint of step {step} in {self.root} ({reason}; {free}). One "
+        f"checkpoint of this run takes about {need / 2**20:.0f} MiB. The checkpoints already "
+        f"written are untouched: the last good one is "
+        f"{'step ' + str(last) if last is not None else 'none (no step was saved yet)'}. Free "
+        "space or make the workdir writable (or copy it to a file system that is), then rerun "
+        "the same command to resume from there.")
+
+  @contextlib.contextmanager
+  def _writing(self, step: int, need: int):
+    """Checks for room first; turns any failure of the save into `_write_failed`."""
+    try:
+      free = shutil.disk_usage(self.root).free
+    except OSError as e:
+      raise self._write_failed(step, need, e) from None
+    if free < ROOM_FACTOR * need + ROOM_OVERHEAD:
+      raise self._write_failed(step, need, "not enough free space for it")
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001 - orbax surfaces IO failures as many types
+      raise self._write_failed(step, need, e) from None
+
   def save(self, step: int, state, iterator_state, train_metrics) -> None:
+    self._last_write = (step, state_bytes(state))
+    with self._writing(*self._last_write):
+      self._save(step, state, iterator_state, train_metrics)
+
+  def _save(self, step: int, state, iterator_state, train_metrics) -> None:
     self.latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         train_metrics=ocp.args.StandardSave(train_metrics),
@@ -234,6 +299,11 @@ class Checkpointer:
                                 "config": json.loads(self._config_json)})), force=True)
 
   def save_best(self, step: int, state, eval_metrics: dict[str, float]) -> None:
+    self._last_write = (step, state_bytes(state))
+    with self._writing(*self._last_write):
+      self._save_best(step, state, eval_metrics)
+
+  def _save_best(self, step: int, state, eval_metrics: dict[str, float]) -> None:
     self.best.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave({"identity": self._identity, "step": step,
@@ -290,10 +360,16 @@ class Checkpointer:
     return restored["state"], step
 
   def wait(self) -> None:
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    """Waits for the asynchronous saves; a failed one is `_write_failed`'s paragraph."""
+    step, need = self._last_write
+    try:
+      self.latest.wait_until_finished()
+      self.best.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - see _writing
+      raise self._write_failed(step, need, e) from None
 
   def close(self) -> None:
+    self.wait()
     self.latest.close()
     self.best.close()
 
