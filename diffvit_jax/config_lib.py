@@ -133,6 +133,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
   # CPU does not: there 0 means no limit is known and 'auto' takes one microbatch).
   t.device_memory_gib = 0.0
   t.on_nonfinite = "stop"  # 'stop' | 'skip' the update
+  # Multi-process runs agree on a SIGTERM stop at log, eval and save steps and every this
+  # many steps (a host synchronisation; single-process runs stop at the next step).
+  t.stop_check_every = 100
   t.profile = False
   # Multi-host: bare jax.distributed.initialize(), which detects SLURM / Open MPI / TPU pods.
   # Plain hosts give main.py --coordinator_address, --num_processes and --process_id instead.
@@ -263,7 +266,7 @@ def validate(config, *, workdir: str | None = None, mode: str = "train",
   m, d, t = config.model, config.data, config.train
   _check_positive_ints(config, ("data.image_size", "train.batch_size", "train.eval_batch_size",
                                 "train.log_every", "train.eval_every", "train.checkpoint_every",
-                                "train.keep_checkpoints"))
+                                "train.keep_checkpoints", "train.stop_check_every"))
   if d.image_size % m.patch_size:
     fail("data.image_size", f"{d.image_size} is not divisible by model.patch_size="
          f"{m.patch_size}; the patch grid must tile the image.")

@@ -19,6 +19,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from diffvit_jax import cpu_runtime, distributed, models
 from diffvit_jax.data import input_pipeline, sharding
 from diffvit_jax.errors import ConfigError, DivergenceError, Preempted
+from diffvit_jax.evaluation import per_example
 from diffvit_jax.models import precision
 from diffvit_jax.training import checkpointing, optim, steps
 from diffvit_jax.training import trainer as trainer_lib
@@ -237,7 +238,8 @@ def _train_and_evaluate(config, workdir: str, guard: PreemptionGuard) -> dict:
         f"Training diverged: the {which} was not finite at step {first} (learning rate "
         f"{summary['learning_rate']:.3g}). That update was not applied and nothing after it "
         f"was saved; the last good checkpoint is step {ckpt.latest_step()} in {workdir}. "
-        "Lower config.train.learning_rate, set config.train.grad_clip, or set "
+        "Train again with a lower config.train.learning_rate or a config.train.grad_clip in "
+        "a new --workdir (a run resumes only with its own recipe), or resume this one with "
         "config.train.on_nonfinite='skip' to skip such steps.")
 
   in_flight = cpu_runtime.StepQueue(cpu_runtime.max_steps_in_flight())
@@ -258,9 +260,12 @@ def _train_and_evaluate(config, workdir: str, guard: PreemptionGuard) -> dict:
       eval_now = step % config.train.eval_every == 0 or is_last
       save_now = step % config.train.checkpoint_every == 0 or is_last
       # Every process stops at the same step, whichever of them got the signal and
-      # when: the saves and collectives after it must match (a collective per step
-      # with several processes; nothing with one).
-      preempted = distributed.stop_agreed(step, guard.signal_name is not None)
+      # when: the saves and collectives after it must match. With several processes
+      # the flags are gathered only where the host synchronises anyway, so steps stay
+      # queued on the devices in between.
+      gather = (log_now or eval_now or save_now
+                or step % config.train.stop_check_every == 0)
+      preempted = distributed.stop_agreed(step, guard.signal_name is not None, gather=gather)
       if log_now or eval_now or save_now or preempted:
         # The only host synchronisation (but for the CPU's per-step wait, see cpu_runtime.py):
         # nothing unchecked is evaluated or saved.
@@ -302,6 +307,7 @@ def _train_and_evaluate(config, workdir: str, guard: PreemptionGuard) -> dict:
             f"{workdir}. Rerun the same command to resume from step {step}.",
             guard.exit_code if guard.signal_name else 128 + signal.SIGTERM.value)
 
+  per_example.write_final(state, config, mesh, workdir, total_steps)  # The report pairs by it.
   ckpt.wait()
   ckpt.close()
   run_info["train_seconds"] += time.monotonic() - session_start
