@@ -176,10 +176,18 @@ study() {  # study [seeds]: paired seeds of ViT and DiffViT, so the report can d
     for arch in vit diffvit; do
       local workdir="$root/$arch/seed$seed"
       workdirs+=("$workdir")
-      if grep -qs '"completed_steps"' "$workdir/run_info.json"; then
+      # Skipped only when it holds a finished run of exactly the requested config (EXTRA_ARGS
+      # included); a run of another config is refused, never mixed into the verdict.
+      local matches=0
+      # shellcheck disable=SC2086
+      JAX_PLATFORMS=cpu "$PY" -m diffvit_jax.reporting.runs --matches "$workdir" \
+        --config "configs/digits.py:$arch" --config.train.seed="$seed" ${EXTRA_ARGS:-} \
+        >/dev/null || matches=$?
+      if [ "$matches" -eq 0 ]; then
         echo "== $arch seed $seed: already trained in $workdir"
         continue
       fi
+      [ "$matches" -eq 1 ] || exit 1  # another config (named above): not overwritten
       echo "== training $arch seed $seed on digits (CPU) -> $workdir"
       mkdir -p "$workdir"
       JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" train "configs/digits.py:$arch" "$workdir" \
