@@ -1,9 +1,9 @@
 r"""Throughput of the real train step (or of the input pipeline) for one config.
 
   python -m diffvit_jax.tools.bench --config configs/tiny_imagenet.py:diffvit_10m \
-      [--batch 256] [--steps 20] [--warmup 3] [--config.model.dtype=bfloat16]
+      [--batch 256] [--steps 20] [--warmup 3] [--config.model.dtype=float32]
   python -m diffvit_jax.tools.bench --config configs/tiny_imagenet.py:diffvit_10m \
-      --config.model.dtype=bfloat16 --differential_form=xla   # vs the default split_v on GPU
+      --config.model.attention_impl=xla   # vs cuDNN, what 'auto' takes on a recent GPU
   python -m diffvit_jax.tools.bench --config configs/digits.py:vit --pipeline
   python -m diffvit_jax.tools.bench --config configs/tiny_imagenet.py:vit_10m --pipeline \
       --config.data.source=digits        # no Tiny ImageNet build needed
@@ -14,8 +14,8 @@ sharded on the device mesh (`sharding.shard_batch`), so the number is the
 step alone, not the input pipeline. Steps are dispatched back to back and
 the host waits only at the end of each timed window (as the training loop,
 which syncs only to log). `step_ms` is the median over `--repeats` windows
-of `--steps` steps each, after `--warmup` untimed steps (the first of which
-compiles; its wall time is `compile_s`).
+of `--steps` steps each, after `--warmup` untimed steps; `compile_s` is the
+wall time of building the trainer (which compiles the step) and its first step.
 
 Pipeline mode times `input_pipeline.create_train_iterator` alone (host
 batches of the config's augmentation, no device transfer): tiny_imagenet
@@ -97,8 +97,15 @@ def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict:
 
 
 def build_train_step(config, batch_size: int, mesh=None, total_steps: int = 10_000):
-  """(trainer, sharded synthetic batch): the trainer as training builds it."""
+  """(trainer, sharded synthetic batch): the trainer as training builds it, at `batch_size`.
+
+  The build compiles the train step (its memory plan), for that batch.
+  """
   mesh = sharding.make_mesh() if mesh is None else mesh
+  if batch_size != config.train.batch_size:
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.train.batch_size = batch_size
   # Synthetic data has no epochs: call `total_steps` one, which only sets the learning-rate
   # values (warmup in epochs), not the cost of a step.
   trainer = trainer_lib.build(config, mesh, total_steps,
@@ -123,10 +130,10 @@ def time_steps(train_step, state, batch, num_steps: int):
 
 def bench_step(config, batch_size: int, num_steps: int, warmup: int, repeats: int) -> dict:
   mesh = sharding.make_mesh()
-  trainer, batch = build_train_step(config, batch_size, mesh)
-  train_step, state = trainer.train_step, trainer.state
   start = time.perf_counter()
-  state, _ = train_step(state, batch)  # compiles
+  trainer, batch = build_train_step(config, batch_size, mesh)  # compiles the step
+  train_step, state = trainer.train_step, trainer.state
+  state, _ = train_step(state, batch)
   jax.block_until_ready(state)
   compile_s = time.perf_counter() - start
   if warmup > 1:
