@@ -278,7 +278,7 @@ def _restore_state(config, workdir: str, best: bool):
 
   params, run_config, step = checkpointing.load_for_inference(workdir, best=best)
   checkpointing.check_same_run(config, run_config, workdir)
-  run = train.setup(config, workdir)
+  run = train.setup(config, workdir, for_training=False)
   trainer = run.trainer
   replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
   params = jax.device_put(params, replicated)
