@@ -57,9 +57,8 @@ def main(argv):
                    for _ in range(4))
   jq, jk, jv, jdout = (jnp.asarray(a) for a in (q, k, v, dout))
   paths = {
-      "einsum": lambda q, k, v: jnp.einsum(
-          "bnts,bsnh->btnh", attention_ops.einsum_probs(q, k, scale), v),
-      "xla": lambda q, k, v: attention_ops.xla_attention(q, k, v, scale, chunk_bytes=2**30),
+      impl: lambda q, k, v, impl=impl: attention_ops.attention(q, k, v, scale=scale, impl=impl)
+      for impl in ("einsum", "xla")
   }
   ready = jax.block_until_ready
   print(f"shape B={batch} T={tokens} N={heads} h={head}, XLA_FLAGS="

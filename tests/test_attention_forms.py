@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffvit_jax.models import attention_ops, differential
+from diffvit_jax.models import attention_ops
 from diffvit_jax.models.dropout import Dropout, hashed_bits
 
 SCALE = 0.3
@@ -37,7 +37,7 @@ def plain_attention(q, k, v):
 def test_xla_attention_matches_softmax_attention(kv_heads, value_size):
   q, k = normal(0, 3, 17, 4, 8), normal(1, 3, 17, kv_heads, 8)
   v, cotangent = normal(2, 3, 17, kv_heads, value_size), normal(3, 3, 17, 4, value_size)
-  fast = lambda q, k, v: attention_ops.xla_attention(q, k, v, SCALE, chunk_bytes=2**30)
+  fast = lambda q, k, v: attention_ops.attention(q, k, v, scale=SCALE, impl="xla")
   assert_close(value_and_grads(fast, (q, k, v), cotangent),
                value_and_grads(plain_attention, (q, k, v), cotangent))
 
@@ -52,8 +52,8 @@ def plain_differential(q, k, v, lam):
 def test_differential_xla_form_matches_the_formula():
   q, k, v = normal(0, 2, 17, 4, 8), normal(1, 2, 17, 4, 8), normal(2, 2, 17, 2, 16)
   lam, cotangent = jnp.float32(0.37), normal(3, 2, 17, 2, 16)
-  fast = lambda *a: differential.differential_xla(*a, chunk_bytes=2**30)
-  assert_close(value_and_grads(lambda *a: fast(*a, SCALE), (q, k, v, lam), cotangent),
+  fast = lambda q, k, v, lam: attention_ops.attention(q, k, v, scale=SCALE, impl="xla", lam=lam)
+  assert_close(value_and_grads(fast, (q, k, v, lam), cotangent),
                value_and_grads(plain_differential, (q, k, v, lam), cotangent))
 
 
@@ -62,25 +62,23 @@ def test_differential_cudnn_form_matches_the_formula(implementation):
   # The cuDNN form (q/k zero-padded to 2d, one call) run by jax's XLA attention on the CPU.
   q, k, v = normal(0, 2, 17, 4, 8), normal(1, 2, 17, 4, 8), normal(2, 2, 17, 2, 16)
   lam, cotangent = jnp.float32(0.37), normal(3, 2, 17, 2, 16)
-  form = lambda *a: differential.differential_cudnn(*a, SCALE, implementation=implementation)
+  form = lambda *a: attention_ops.differential_cudnn(*a, SCALE, implementation=implementation)
   assert_close(value_and_grads(form, (q, k, v, lam), cotangent),
                value_and_grads(plain_differential, (q, k, v, lam), cotangent), tol=1e-5)
 
 
 def test_batch_chunks_change_nothing():
   q, k, v, cotangent = (normal(i, 6, 9, 4, 8) for i in range(4))
-  attend = lambda chunk_bytes: lambda *a: attention_ops.xla_attention(
-      *a, SCALE, chunk_bytes=chunk_bytes)
+  attend = lambda chunk_bytes: lambda q, k, v, lam=None: attention_ops.attention(
+      q, k, v, scale=SCALE, impl="xla", lam=lam, chunk_bytes=chunk_bytes)
   whole = value_and_grads(attend(2**30), (q, k, v), cotangent)
   chunked = value_and_grads(attend(2 * 4 * 4 * 9 * 9), (q, k, v), cotangent)  # 2 examples
   assert_close(chunked, whole, tol=1e-5)
   dq, dk, dv = (normal(10 + i, 6, 9, 4, 8) for i in range(3))
   lam = jnp.float32(0.2)
-  differential_attend = lambda chunk_bytes: lambda *a: differential.differential_xla(
-      *a, SCALE, chunk_bytes=chunk_bytes)
   args = (dq, dk, dv[:, :, :2], lam)
-  want = value_and_grads(differential_attend(2**30), args, cotangent[:, :, :2])
-  got = value_and_grads(differential_attend(3 * 4 * 4 * 9 * 9), args, cotangent[:, :, :2])
+  want = value_and_grads(attend(2**30), args, cotangent[:, :, :2])
+  got = value_and_grads(attend(3 * 4 * 4 * 9 * 9), args, cotangent[:, :, :2])
   assert_close(got, want, tol=1e-5)
 
 

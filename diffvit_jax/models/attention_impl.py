@@ -9,7 +9,7 @@
             NVIDIA GPU (CUDA, not ROCm) of compute capability 8.0 or more
             (cuDNN's attention needs Ampere or newer), bfloat16, q/k/v head
             sizes multiples of 8 up to 128, no attention dropout. DiffViT runs
-            it as one call at head size 2d (q/k zero-padded, `differential_cudnn`).
+            it as one call at head size 2d (q/k zero-padded, `attention_ops.differential_cudnn`).
   'auto'    'cudnn' where it can run; else 'einsum' when attention dropout is
             on; else 'xla'.
 

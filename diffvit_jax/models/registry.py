@@ -50,7 +50,7 @@ ARCHS: dict[str, AttentionKind] = {
         label="DiffViT", module=DifferentialAttention, differential=True,
         layer_fields=lambda m, layer: dict(layer=layer, head_norm=m.diff_head_norm),
         qk_width_factor=1, lambda_per_layer=differential.lambda_per_layer,
-        # cuDNN sees q/k zero-padded to v's head size 2d (`differential_cudnn`).
+        # cuDNN sees q/k zero-padded to v's head size 2d (`attention_ops.differential_cudnn`).
         fused_head_dims=lambda m: (2 * _classic_head(m), 2 * _classic_head(m)),
         color="tab:red", timm_attn_layer="diff"),
     "diffvit2": AttentionKind(

@@ -28,6 +28,7 @@ import numpy as np
 from diffvit_jax import cpu_runtime
 from diffvit_jax.errors import ConfigError
 from diffvit_jax.models import posemb, registry
+from diffvit_jax.models.attention_ops import projection
 from diffvit_jax.models.dropout import Dropout
 from diffvit_jax.models.norms import BLOCK_NORM_EPS, make_norm
 
@@ -48,10 +49,9 @@ class MlpBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    dense = lambda features, name: nn.Dense(
-        features, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
-        dot_general=cpu_runtime.dense_dot_general, name=name)
+    dense = lambda features, name: projection(
+        features, use_bias=True, dtype=self.dtype, dot_general=cpu_runtime.dense_dot_general,
+        name=name)
     width = x.shape[-1]
     x = dense(self.mlp_dim, "fc1")(x)
     x = nn.gelu(x, approximate=False)
@@ -118,6 +118,7 @@ class ViT(nn.Module):
         kind.module, num_heads=self.num_heads, qkv_bias=self.attn_bias,
         attn_dropout=self.attn_dropout, dropout=self.dropout, impl=self.attention_impl,
         chunk_bytes=self.attention_chunk_mib * 2**20, dtype=jnp.dtype(self.dtype),
+        dot_general=cpu_runtime.dense_dot_general,
         **kind.layer_fields(self, layer))
 
   @nn.compact
