@@ -4,10 +4,9 @@ r"""The CPU form of the Dense weight gradient against autodiff's, in one process
   .venv/bin/python benchmarks/cpu_dense_ab.py --digits= --protocols=seed --sizes=10m --batch=32
   XLA_FLAGS=--xla_cpu_max_isa=AVX2 .venv/bin/python benchmarks/cpu_dense_ab.py ...
 
-`diffvit_jax.cpu_runtime.dense_dot_general` decides at trace time, so both
-variants of each model's real train step (`tools/bench.build_train_step`) are
-compiled in this process: 'cpu form' as training runs it, 'autodiff' with the
-CPU form switched off while tracing. Timing windows of `--steps` steps
+Both variants of each model's real train step (`tools/bench.build_train_step`)
+are compiled in this process: 'cpu form' as training runs it, 'autodiff' with
+`model.cpu_dense_grad=False`. Timing windows of `--steps` steps
 alternate the two (the order flips every round); reported are median wall and
 process-CPU ms per step and the median of the per-round ratios cpu form /
 autodiff, so that load from other processes hits both sides of each ratio.
@@ -47,18 +46,12 @@ def _configs():
 
 
 def _compiled_step(config, batch_size: int, cpu_form: bool):
-  from diffvit_jax import cpu_runtime
   from diffvit_jax.tools import bench
 
-  saved = cpu_runtime.plain_weight_gradients
-  if not cpu_form:
-    cpu_runtime.plain_weight_gradients = lambda: False
-  try:
-    trainer, batch = bench.build_train_step(config, batch_size)  # compiled in the build
-    step = trainer.train_step
-  finally:
-    cpu_runtime.plain_weight_gradients = saved
-  return step, trainer.state, batch
+  config = config.copy_and_resolve_references()
+  config.model.cpu_dense_grad = cpu_form
+  trainer, batch = bench.build_train_step(config, batch_size)  # compiled in the build
+  return trainer.train_step, trainer.state, batch
 
 
 def main(argv):

@@ -10,15 +10,13 @@ from diffvit_jax import config_lib
 
 
 def get_config(arch: str = "vit"):
-  if arch not in config_lib.ARCHS:
-    raise ValueError(f"Bad config argument {arch!r}: expected one of {config_lib.ARCHS}.")
+  if arch not in config_lib.archs():
+    raise ValueError(f"Bad config argument {arch!r}: expected one of {config_lib.archs()}.")
   config = config_lib.base_config()
   config.name = f"{arch}_digits"
   config.protocol = "digits"
-  # 8x8 inputs in 2x2 patches: 16 tokens keep a step cheap on 2 CPU cores.
-  # Measured here (2026-11-25): at 800 steps ViT 97.8%, DiffViT 95.6-96.9%
-  # validation top-1 across reruns; 1000 steps gives DiffViT 96.1% with margin.
-  # Random pad-and-crop cost ~2 points at this budget, so it is off.
+  # 8x8 inputs in 2x2 patches: 16 tokens keep a step cheap on 2 CPU cores. The step count
+  # and the crop are chosen in benchmarks/RESULTS.md ("Quickstart (digits, CPU)").
   config.model = config_lib.model_config(
       arch=arch, width=64, depth=4, num_heads=4, mlp_dim=128, patch_size=2, pool="gap",
       posemb="learn", norm="layernorm", attn_bias=True, stoch_depth=0.1, num_classes=10)

@@ -31,11 +31,11 @@ def parse_arg(arg: str) -> tuple[str, str, str]:
   name, _, protocol = arg.partition(",")
   arch, _, size = name.partition("_")
   protocol = protocol or "v2"
-  known = arch in config_lib.ARCHS and size in config_lib.MODEL_SIZES and protocol in PROTOCOLS
+  known = arch in config_lib.archs() and size in config_lib.MODEL_SIZES and protocol in PROTOCOLS
   if not known:
     raise ValueError(
         f"Bad config argument {arg!r}: expected <arch>_<size>[,<protocol>] with arch in "
-        f"{config_lib.ARCHS}, size in {tuple(config_lib.MODEL_SIZES)}, protocol in {PROTOCOLS}, "
+        f"{config_lib.archs()}, size in {tuple(config_lib.MODEL_SIZES)}, protocol in {PROTOCOLS}, "
         "e.g. 'vit_10m' or 'diffvit_30m,seed'.")
   return arch, size, protocol
 

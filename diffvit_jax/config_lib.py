@@ -9,6 +9,9 @@ entry there is a valid config value here.
 
 import ml_collections
 
+from diffvit_jax.errors import ConfigError
+from diffvit_jax.models import registry
+
 # Width, depth, classic heads, MLP width. Head size 32 for the classic ViT, so
 # the differential kinds get num_heads // 2 pairs with q/k heads of 32 and
 # value heads of 64. Chosen so that every model is within 3% of its nominal
@@ -24,7 +27,7 @@ MODEL_SIZES = {
 def model_config(**overrides) -> ml_collections.ConfigDict:
   """`config.model`: everything `models.build_model` reads."""
   m = ml_collections.ConfigDict()
-  m.arch = "vit"  # a key of models.registry.ARCHS: 'vit' | 'diffvit' | 'diffvit2'
+  m.arch = "vit"  # a key of models.registry.ARCHS
   m.width = 320
   m.depth = 8
   m.num_heads = 10  # heads of the classic ViT; differential kinds use num_heads // 2 pairs
@@ -34,8 +37,6 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   m.posemb = "learn"  # 'learn' (std 0.02) | 'sincos2d'
   m.norm = "layernorm"  # 'layernorm' | 'rmsnorm' (block, final and head norms)
   m.attn_bias = True  # biases of the q/k/v projections (the output projection always has one)
-  # Per-head norm of differential attention: 'rmsnorm' (paper) | 'layernorm' | 'none'.
-  m.diff_head_norm = "rmsnorm"
   m.dropout = 0.0  # after attention / MLP projections, and on the embeddings
   m.attn_dropout = 0.0
   m.stoch_depth = 0.0  # drop-path rate of the last block (linear in depth, as timm)
@@ -49,6 +50,12 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   # Rematerialise each block in the backward pass (jax.checkpoint): less memory, ~1/3 more
   # compute, the same numbers. The memory plan (training/memory.py) says when it is needed.
   m.remat = False
+  # On the CPU backend, every Dense takes its weight gradient from a transposed x
+  # (diffvit_jax/cpu_runtime.py): the same values, a faster backward there. Ignored elsewhere.
+  m.cpu_dense_grad = True
+  # Each attention kind's own fields (registry `config_fields`), e.g. diff_head_norm.
+  for name, (default, _) in registry.config_fields().items():
+    m[name] = default
   m.update(overrides)
   return m
 
@@ -156,14 +163,15 @@ def base_config() -> ml_collections.ConfigDict:
 
 def _choices() -> dict[str, tuple]:
   from diffvit_jax.data import augment, sources
-  from diffvit_jax.models import attention_impl, norms, posemb, precision, registry
+  from diffvit_jax.models import attention_impl, norms, posemb, precision
 
+  kind_fields = {f"model.{name}": choices
+                 for name, (_, choices) in registry.config_fields().items()}
   return {
       "model.arch": tuple(registry.ARCHS),
       "model.pool": ("cls", "gap"),
       "model.posemb": posemb.POSEMBS,
       "model.norm": norms.NORMS,
-      "model.diff_head_norm": norms.HEAD_NORMS,
       "model.attention_impl": attention_impl.IMPLS,
       "model.dtype": precision.COMPUTE_DTYPES,
       "data.source": tuple(sources.SOURCES),
@@ -173,6 +181,7 @@ def _choices() -> dict[str, tuple]:
       "train.schedule": ("cosine", "constant"),
       "train.weight_decay_mask": ("all", "matrices"),
       "train.on_nonfinite": ("stop", "skip"),
+      **kind_fields,
   }
 
 
@@ -184,8 +193,6 @@ def _get(config, dotted: str):
 
 
 def _fail(field, message):
-  from diffvit_jax.errors import ConfigError
-
   raise ConfigError(f"config.{field}: {message}")
 
 
@@ -219,8 +226,6 @@ def microbatches(train_config) -> int | None:
 
 def validate_model(m) -> None:
   """Checks `config.model` (what `models.build_model` reads); ConfigError naming the field."""
-  from diffvit_jax.models import registry
-
   _check_choices(m, "model.", node_is_section=True)
   _check_positive_ints(m, ("width", "depth", "num_heads", "mlp_dim", "patch_size",
                            "num_classes"), "model.")
@@ -239,8 +244,9 @@ def validate_model(m) -> None:
   for field in ("dropout", "attn_dropout", "stoch_depth"):
     if not 0.0 <= m[field] < 1.0:
       _fail(f"model.{field}", f"must be in [0, 1), got {m[field]!r}.")
-  if not isinstance(m.remat, bool):
-    _fail("model.remat", f"must be True or False, got {m.remat!r}.")
+  for field in ("remat", "cpu_dense_grad"):
+    if not isinstance(m[field], bool):
+      _fail(f"model.{field}", f"must be True or False, got {m[field]!r}.")
   if not isinstance(m.attention_chunk_mib, int) or m.attention_chunk_mib < 0:
     _fail("model.attention_chunk_mib", f"must be an integer >= 0 (0: the backend's default), "
           f"got {m.attention_chunk_mib!r}.")
@@ -335,10 +341,6 @@ def validate(config, *, workdir: str | None = None, mode: str = "train",
   input_pipeline.get_dataset_info(d)  # Raises DataError with how to get a missing data set.
 
 
-def __getattr__(name: str):
-  # `config_lib.ARCHS` for config files: the attention registry's names, imported lazily.
-  if name == "ARCHS":
-    from diffvit_jax.models import registry
-
-    return tuple(registry.ARCHS)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def archs() -> tuple[str, ...]:
+  """The values config.model.arch may take (the attention registry's names)."""
+  return tuple(registry.ARCHS)

@@ -1,39 +1,14 @@
-"""CPU-backend runtime settings, applied before JAX initialises (the benchmark and main call it).
+"""CPU-backend runtime settings; `apply_cpu_defaults()` runs before JAX initialises.
 
-    from diffvit_jax import cpu_runtime
-    cpu_runtime.apply_cpu_defaults()   # first thing, before `import jax` anywhere
-    import jax
-
-Why (measured in benchmarks/RESULTS.md, "Train step on the CPU"):
-
-- Allocator. XLA:CPU allocates one temp buffer per execution for all
-  intermediates (every activation of the step, so large even for the digits
-  model) and frees it at the end. glibc serves blocks that large with mmap, so
-  every step page-faults the whole buffer in again, and the kernel time that
-  costs is a large share of a small model's step (the fault counts and times
-  are in RESULTS.md). Telling glibc never to mmap and not to trim (one arena,
-  so that the block is found again whichever thread asks) keeps the buffer
-  mapped across steps: zero faults after the first steps. The cost is that
-  freed memory stays in the process (its peak is kept), which a training
-  process reaches anyway.
-- Steps in flight (`StepQueue`). JAX dispatches asynchronously; on GPUs
-  queued steps cost nothing, but on XLA:CPU each queued execution holds its
-  own temp buffer (all of its intermediates) and slows the running one. So on
-  the CPU the train loop waits for each step before dispatching the next; the
-  input pipeline runs in its own threads meanwhile.
-- Dense weight gradients (`dense_dot_general`, the `dot_general` of every
-  Dense in the models). Autodiff's dW = x^T dy contracts the token axis of
-  both operands; XLA:CPU lays that out by transposing dy, and then fuses the
-  whole chain that produces dy (the residual stream's gradient, summed back
-  through every later block) into each such transpose, so the backward pass
-  recomputes it once per layer, quadratically in depth. Computing dW from an
-  explicitly transposed x leaves dy as it is. Same values (one product
-  either way); on any other backend the plain `lax.dot_general` runs.
-
-The allocator setting concerns only the CPU backend: nothing is done when an accelerator
-backend is requested (`JAX_PLATFORMS` naming one) or installed (a jax CUDA /
-ROCm plugin, or libtpu), where host memory is not the step's working memory.
-Set `DIFFVIT_CPU_DEFAULTS=0` to skip it all.
+- Allocator: glibc keeps freed blocks mapped (no mmap, no trim, one arena), so XLA:CPU's
+  per-execution temp buffer is not page-faulted in again at every step.
+- `StepQueue`: on the CPU the loop waits for each step before dispatching the next (each
+  queued XLA:CPU execution holds its own temp buffer and slows the running one).
+- `dense_dot_general`: a Dense whose weight gradient dW = x^T dy comes from a transposed x,
+  so XLA:CPU does not fuse dy's whole producer chain into a transpose of dy per layer.
+  Same values; `models.build_model` uses it on the CPU unless `model.cpu_dense_grad=False`.
+The measurements are in benchmarks/RESULTS.md ("Train step on the CPU"). Nothing is done
+where an accelerator backend is requested or installed; `DIFFVIT_CPU_DEFAULTS=0` skips it.
 """
 
 import collections
@@ -136,21 +111,14 @@ def _dense_with_plain_weight_gradient():
   return dense
 
 
-def plain_weight_gradients() -> bool:
-  """Whether `dense_dot_general` takes its CPU form (JAX's default backend is the CPU)."""
-  import jax
-
-  return jax.default_backend() == "cpu"
-
-
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
                       preferred_element_type=None, **kwargs):
-  """`lax.dot_general` for `nn.Dense(dot_general=...)`: on the CPU, the Dense product's
-  weight gradient from a transposed x (see the module docstring); otherwise unchanged."""
+  """`lax.dot_general` for `nn.Dense(dot_general=...)` whose Dense product takes its weight
+  gradient from a transposed x (see the module docstring); other products are unchanged."""
   from jax import lax
 
   (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
-  if (plain_weight_gradients() and rhs.ndim == 2 and not lhs_batch
+  if (rhs.ndim == 2 and not lhs_batch
       and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
       and precision is None and preferred_element_type is None and not kwargs
       and lhs.dtype == rhs.dtype):
@@ -159,9 +127,14 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
                          preferred_element_type=preferred_element_type, **kwargs)
 
 
-def describe() -> dict:
-  """What of this module applies in this process (logged, and in run_info.json)."""
+def model_dot_general(model_config, backend: str):
+  """The models' Dense `dot_general`: the CPU form on the CPU when `model.cpu_dense_grad`."""
+  return dense_dot_general if backend == "cpu" and model_config.cpu_dense_grad else None
+
+
+def describe(model) -> dict:
+  """What of this module applies to `model` in this process (logged, and in run_info.json)."""
   return dict(allocator=bool(_applied and _applied["allocator"]),
               max_steps_in_flight=max_steps_in_flight(),
-              dense_weight_gradient=("from transposed x" if plain_weight_gradients()
+              dense_weight_gradient=("from transposed x" if model.dot_general is dense_dot_general
                                      else "autodiff"))

@@ -7,6 +7,7 @@ import pytest
 
 from diffvit_jax import config_lib
 from diffvit_jax.errors import ConfigError
+from diffvit_jax.models import registry
 from diffvit_jax.training import optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +30,7 @@ MODEL_SIZES = {
 SHARED = {
     "model.attention_chunk_mib": 0, "model.attention_impl": "auto", "model.attn_dropout": 0.0,
     "model.diff_head_norm": "rmsnorm", "model.dtype": "bfloat16", "model.num_classes": 200,
-    "model.posemb": "learn", "model.remat": False,
+    "model.posemb": "learn", "model.remat": False, "model.cpu_dense_grad": True,
     "data.source": "tiny_imagenet", "data.dir": "", "data.manual_dir": "",
     "data.train_split": "train", "data.eval_split": "validation", "data.crop_scale_min": 0.35,
     "data.train_corruption": "", "data.train_severity": 0, "data.eval_corruption": "",
@@ -81,7 +82,7 @@ def flat(config) -> dict:
 
 @pytest.mark.parametrize("protocol", ["seed", "v2"])
 @pytest.mark.parametrize("size", ["10m", "20m", "30m"])
-@pytest.mark.parametrize("arch", ["vit", "diffvit", "diffvit2"])
+@pytest.mark.parametrize("arch", list(registry.ARCHS))
 def test_every_value_of_the_protocols_is_pinned(arch, size, protocol):
   expected = {"name": f"{arch}_{size},{protocol}", "protocol": protocol, "model.arch": arch,
               **SHARED, **MODEL_SIZES[size], **PROTOCOLS[protocol]}

@@ -61,17 +61,25 @@ def _uses_the_cpu_form(fn, *args) -> bool:
   return "custom_vjp" in str(jax.make_jaxpr(jax.grad(fn))(*args))
 
 
-def test_dense_layers_take_the_cpu_form_on_the_cpu_only(monkeypatch):
+def test_dense_layers_take_the_cpu_form_on_the_cpu_when_the_config_says(monkeypatch):
+  from diffvit_jax import config_lib
+  from diffvit_jax.models import build_model
   from diffvit_jax.models.vit import MlpBlock
 
-  block, x = MlpBlock(8), _normal(0, 2, 3, 4)
-  params = block.init(jax.random.PRNGKey(0), x)
-  loss = lambda p: block.apply(p, x).sum()
-  assert _uses_the_cpu_form(loss, params)
-  assert cpu_runtime.describe()["dense_weight_gradient"] == "from transposed x"
-  monkeypatch.setattr(cpu_runtime, "plain_weight_gradients", lambda: False)
-  assert not _uses_the_cpu_form(loss, params)  # e.g. on a GPU: autodiff's own product
-  assert cpu_runtime.describe()["dense_weight_gradient"] == "autodiff"
+  x = _normal(0, 2, 3, 4)
+  for dot_general, expected in ((cpu_runtime.dense_dot_general, True), (None, False)):
+    block = MlpBlock(8, dot_general=dot_general)
+    params = block.init(jax.random.PRNGKey(0), x)
+    assert _uses_the_cpu_form(lambda p, b=block: b.apply(p, x).sum(), params) == expected
+  config = config_lib.model_config(width=32, depth=1, num_heads=2, mlp_dim=64)
+  model = build_model(config, "einsum")
+  assert model.dot_general is cpu_runtime.dense_dot_general  # JAX's backend here is the CPU
+  assert cpu_runtime.describe(model)["dense_weight_gradient"] == "from transposed x"
+  config.cpu_dense_grad = False
+  model = build_model(config, "einsum")
+  assert model.dot_general is None
+  assert cpu_runtime.describe(model)["dense_weight_gradient"] == "autodiff"
+  assert cpu_runtime.model_dot_general(config_lib.model_config(), "gpu") is None
 
 
 def test_other_contractions_are_left_to_dot_general():

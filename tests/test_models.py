@@ -17,10 +17,11 @@ from diffvit_jax.models import (
   build_model,
   lambda_init,
   lambda_per_layer,
+  registry,
 )
 from diffvit_jax.models.differential import LAMBDA_VECTORS, differential_lambda
 
-ARCHS = ("vit", "diffvit", "diffvit2")
+ARCHS = tuple(registry.ARCHS)
 IMAGE = 16
 
 

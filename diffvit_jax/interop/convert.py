@@ -33,9 +33,13 @@ _TO_TIMM = {"linear": lambda w: w.T, "conv": lambda w: w.transpose(3, 2, 0, 1),
             "copy": lambda w: w}
 
 
+# timm VisionTransformer's attn_layer of each arch that timm has.
+TIMM_ATTN_LAYERS = {"vit": "attn", "diffvit": "diff"}
+
+
 def _check_timm_compatible(model_config) -> None:
   validate(model_config)
-  timm_layer = registry.kind(model_config.arch).timm_attn_layer
+  timm_layer = TIMM_ATTN_LAYERS.get(model_config.arch)
   if timm_layer is None:
     raise ConfigError(f"config.model.arch={model_config.arch!r} has no timm equivalent.")
   if timm_layer == "diff" and model_config.diff_head_norm != "rmsnorm":
@@ -63,7 +67,7 @@ def timm_kwargs(model_config, image_size: int) -> dict[str, Any]:
       pos_embed="learn", no_embed_class=False, norm_layer=m.norm,
       drop_rate=0.0, pos_drop_rate=m.dropout, proj_drop_rate=m.dropout,
       attn_drop_rate=m.attn_dropout, drop_path_rate=m.stoch_depth,
-      attn_layer=registry.kind(m.arch).timm_attn_layer)
+      attn_layer=TIMM_ATTN_LAYERS[m.arch])
 
 
 def _entries(model_config) -> Iterator[tuple[str, tuple[str, ...], str]]:
@@ -90,7 +94,7 @@ def _entries(model_config) -> Iterator[tuple[str, tuple[str, ...], str]]:
     ours, theirs = f"block_{i}", f"blocks.{i}"
     yield from norm(f"{theirs}.norm1", (ours, "norm1"))
     yield from linear(f"{theirs}.attn.proj", (ours, "attn", "out"))
-    if registry.kind(m.arch).timm_attn_layer == "diff":  # timm's DiffAttention's parameters
+    if TIMM_ATTN_LAYERS[m.arch] == "diff":  # timm's DiffAttention's parameters
       for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
         yield f"{theirs}.attn.{name}", (ours, "attn", name), "copy"
       yield f"{theirs}.attn.sub_norm.weight", (ours, "attn", "head_norm", "scale"), "copy"

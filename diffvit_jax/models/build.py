@@ -1,8 +1,10 @@
 """`config.model` -> a `ViT`, after the one validation of the config schema."""
 
-from diffvit_jax import config_lib
+import jax
+
+from diffvit_jax import config_lib, cpu_runtime
 from diffvit_jax.errors import ConfigError
-from diffvit_jax.models import attention_impl
+from diffvit_jax.models import attention_impl, registry
 from diffvit_jax.models.vit import ViT
 
 
@@ -25,9 +27,17 @@ def build_model(model_config, attention: str | attention_impl.Resolved | None = 
     attention = attention_impl.resolve(model_config)
   fields = model_config.to_dict()
   if isinstance(attention, str):
-    fields["attention_impl"] = attention
+    if attention not in attention_impl.PATHS:
+      raise ValueError(f"build_model needs a resolved attention path {attention_impl.PATHS}, "
+                       f"not {attention!r}.")
+    fields["attention_impl"], backend = attention, jax.default_backend()
   else:
     fields.update(attention_impl=attention.impl, attention_chunk_mib=attention.chunk_mib)
-  if fields["attention_impl"] == "auto":
-    raise ValueError("build_model needs a resolved attention path, not 'auto'.")
+    backend = attention.backend
+  fields["dot_general"] = cpu_runtime.model_dot_general(model_config, backend)
+  del fields["cpu_dense_grad"]
+  # Each kind's own fields are in every config; the ViT takes its arch's, for its module.
+  own = {name: fields.pop(name) for name in registry.config_fields()}
+  fields["arch_fields"] = {name: own[name] for name in registry.kind(model_config.arch)
+                           .config_fields}
   return ViT(**fields)

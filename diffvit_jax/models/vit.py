@@ -17,15 +17,15 @@ weight-decay mask can select matrices by name):
 """
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffvit_jax import cpu_runtime
 from diffvit_jax.errors import ConfigError
 from diffvit_jax.models import posemb, registry
 from diffvit_jax.models.attention_ops import projection
@@ -46,12 +46,12 @@ class MlpBlock(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  dot_general: Callable | None = None  # of both Dense (None: lax.dot_general)
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     dense = lambda features, name: projection(
-        features, use_bias=True, dtype=self.dtype, dot_general=cpu_runtime.dense_dot_general,
-        name=name)
+        features, use_bias=True, dtype=self.dtype, dot_general=self.dot_general, name=name)
     width = x.shape[-1]
     x = dense(self.mlp_dim, "fc1")(x)
     x = nn.gelu(x, approximate=False)
@@ -69,6 +69,7 @@ class EncoderBlock(nn.Module):
   dropout: float = 0.0
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
+  dot_general: Callable | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:  # positional for remat
@@ -78,7 +79,8 @@ class EncoderBlock(nn.Module):
     norm = lambda name: make_norm(self.norm, eps=BLOCK_NORM_EPS, dtype=self.dtype, name=name)
     y = self.attention(name="attn")(norm("norm1")(x), train=train)
     x = x + drop_path(y, deterministic=not train)
-    y = MlpBlock(self.mlp_dim, dropout=self.dropout, dtype=self.dtype, name="mlp")(
+    y = MlpBlock(self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
+                 dot_general=self.dot_general, name="mlp")(
         norm("norm2")(x), train=train)
     return x + drop_path(y, deterministic=not train)
 
@@ -102,7 +104,7 @@ class ViT(nn.Module):
   posemb: str = "learn"
   norm: str = "layernorm"
   attn_bias: bool = True
-  diff_head_norm: str = "rmsnorm"
+  arch_fields: Mapping[str, Any] = flax.core.FrozenDict()  # the kind's own config fields
   dropout: float = 0.0
   attn_dropout: float = 0.0
   stoch_depth: float = 0.0
@@ -110,6 +112,8 @@ class ViT(nn.Module):
   attention_chunk_mib: int = 1024
   dtype: str = "float32"  # compute dtype; the rest is models/precision.py's table
   remat: bool = False  # recompute each block in the backward pass (same numbers, less memory)
+  # The blocks' Dense product (None: lax.dot_general); build_model picks a backend's own form.
+  dot_general: Callable | None = None
 
   def attention_fn(self, layer: int) -> Callable[..., nn.Module]:
     """The attention constructor for the 1-based `layer` (call it with name=...)."""
@@ -118,8 +122,8 @@ class ViT(nn.Module):
         kind.module, num_heads=self.num_heads, qkv_bias=self.attn_bias,
         attn_dropout=self.attn_dropout, dropout=self.dropout, impl=self.attention_impl,
         chunk_bytes=self.attention_chunk_mib * 2**20, dtype=jnp.dtype(self.dtype),
-        dot_general=cpu_runtime.dense_dot_general,
-        **kind.layer_fields(self, layer))
+        dot_general=self.dot_general,
+        **kind.layer_fields(self.arch_fields, layer))
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
@@ -158,8 +162,8 @@ class ViT(nn.Module):
     block = nn.remat(EncoderBlock, static_argnums=(2,)) if self.remat else EncoderBlock
     for i in range(self.depth):
       x = block(self.attention_fn(layer=i + 1), mlp_dim=self.mlp_dim, norm=self.norm,
-                       dropout=self.dropout, drop_path=rates[i], dtype=dtype,
-                       name=f"block_{i}")(x, train)
+                dropout=self.dropout, drop_path=rates[i], dtype=dtype,
+                dot_general=self.dot_general, name=f"block_{i}")(x, train)
 
     # Final norm on every token before pooling, for both pools (timm fc_norm=False).
     x = make_norm(self.norm, eps=BLOCK_NORM_EPS, dtype=dtype, name="norm")(x)

@@ -56,10 +56,12 @@ def _band(ax, x, values, color, label, **kwargs):
     ax.fill_between(x, values.min(0), values.max(0), color=color, alpha=0.2, lw=0)
 
 
+COLORS = {"vit": "tab:blue", "diffvit": "tab:red", "diffvit2": "tab:green"}
+
+
 def _color(group: runs_lib.Group, index: int) -> str:
-  """The registry's colour of the arch; matplotlib's cycle for archs it does not know."""
-  kind = registry.ARCHS.get(group.arch)
-  return kind.color if kind is not None else f"C{index}"
+  """The arch's colour; matplotlib's cycle for the archs `COLORS` does not name."""
+  return COLORS.get(group.arch, f"C{index}")
 
 
 def _group_label(group: runs_lib.Group, lead: str) -> str:

@@ -48,7 +48,8 @@ _FLOP_FIELDS = ("arch",) + _SHAPE_FIELDS + ("pool", "num_classes")
 # read, how the step is split or rematerialised, the attention path (equal math), how often
 # it logs, evaluates and saves.
 RESULT_NEUTRAL = (
-    "name", "model.remat", "model.attention_impl", "model.attention_chunk_mib", "data.dir",
+    "name", "model.remat", "model.attention_impl", "model.attention_chunk_mib",
+    "model.cpu_dense_grad", "data.dir",
     "data.manual_dir", "data.num_workers", "data.read_threads", "data.prefetch",
     "train.microbatches", "train.device_memory_gib", "train.log_every", "train.eval_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.profile",

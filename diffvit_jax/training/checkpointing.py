@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from diffvit_jax.errors import CheckpointError
+from diffvit_jax.models import registry
 
 RUN_INFO = "run_info.json"  # The run's summary, with the config it trained with under 'config'.
 # Free space a save needs: the latest and the best checkpoint of one step (written beside the
@@ -34,7 +35,7 @@ ROOM_OVERHEAD = 4 * 2**20
 # Config fields that change the parameter tree or what the numbers mean.
 IDENTITY_FIELDS = {
     "model": ("arch", "width", "depth", "num_heads", "mlp_dim", "patch_size", "pool", "posemb",
-              "norm", "attn_bias", "diff_head_norm", "num_classes"),
+              "norm", "attn_bias", "num_classes"),  # and every attention kind's own fields
     "data": ("source", "image_size"),
 }
 
@@ -45,7 +46,7 @@ IDENTITY_FIELDS = {
 # fix a divergence error suggests), and how long it trains (extending a finished run).
 # Everything else of `train`, the model and the training data is the resume identity.
 RESUME_EXEMPT = {
-    "model": ("remat", "attention_impl", "attention_chunk_mib"),
+    "model": ("remat", "attention_impl", "attention_chunk_mib", "cpu_dense_grad"),
     "data": ("dir", "manual_dir", "num_workers", "read_threads", "prefetch", "eval_split",
              "eval_corruption", "eval_severity", "corruption_jpeg", "on_bad_image"),
     "train": ("microbatches", "device_memory_gib", "log_every", "eval_every",
@@ -56,8 +57,9 @@ RESUME_EXEMPT = {
 
 def run_identity(config) -> dict[str, Any]:
   """The model and data set fields: what a tool that reads a run must agree with."""
+  fields = dict(IDENTITY_FIELDS, model=IDENTITY_FIELDS["model"] + tuple(registry.config_fields()))
   return {f"{section}.{name}": config[section][name]
-          for section, names in IDENTITY_FIELDS.items() for name in names}
+          for section, names in fields.items() for name in names}
 
 
 def _jsonable(value):

@@ -67,6 +67,6 @@ def build(config, mesh: Mesh, total_steps: int, *, num_train_examples: int | Non
     plan, train_step = memory.plan(config, config.train.batch_size // mesh.size,
                                    mesh.devices.flat[0], compile_step)
   return Trainer(mesh=mesh, attention=attention, precision=precision.policy(config.model).as_dict(),
-                 memory_plan=plan, cpu_runtime=cpu_runtime.describe(), model=model,
+                 memory_plan=plan, cpu_runtime=cpu_runtime.describe(model), model=model,
                  total_steps=total_steps, state=init(rng), train_step=train_step,
                  eval_step=eval_step)
