@@ -9,8 +9,9 @@ entry there is a valid config value here.
 
 import ml_collections
 
-from diffvit_jax.errors import ConfigError
-from diffvit_jax.models import registry
+from diffvit_jax.data import augment, corruptions, sharding, sources
+from diffvit_jax.errors import ConfigError, did_you_mean
+from diffvit_jax.models import attention_impl, norms, posemb, precision, registry
 
 # Width, depth, classic heads, MLP width. Head size 32 for the classic ViT, so
 # the differential kinds get num_heads // 2 pairs with q/k heads of 32 and
@@ -162,9 +163,6 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _choices() -> dict[str, tuple]:
-  from diffvit_jax.data import augment, sources
-  from diffvit_jax.models import attention_impl, norms, posemb, precision
-
   kind_fields = {f"model.{name}": choices
                  for name, (_, choices) in registry.config_fields().items()}
   return {
@@ -252,20 +250,26 @@ def validate_model(m) -> None:
           f"got {m.attention_chunk_mib!r}.")
 
 
-def validate(config, *, workdir: str | None = None, mode: str = "train",
-             num_devices: int | None = None) -> None:
-  """Checks a config before any work is done; raises ConfigError naming the field.
+def _check_names(config) -> None:
+  """Every field is one the schema has (a config built in code may carry a misspelt one)."""
+  base = base_config()
+  for section in ("model", "data", "train"):
+    for name in config[section]:
+      if name not in base[section]:
+        hint = did_you_mean(name, list(base[section]))
+        _fail(f"{section}.{name}", f"is not a field of the schema{hint or '.'}")
 
-  Everything here is cheap and catches what would otherwise fail minutes in,
-  deep inside jit or a data worker, or silently train something else.
-  `num_devices` (default: jax.device_count(), so after jax.distributed is
-  initialised) checks that the global batches split evenly.
+
+def validate(config, *, mode: str = "train", num_devices: int | None = None) -> None:
+  """Checks the schema (names, types, choices) and the cross-field rules, before any work.
+
+  Raises ConfigError naming the field. What depends on the machine is checked
+  where it is used: the workdir and the data set by the training loop, the
+  batch split over the devices by `data.sharding.check_batch_split` (run here
+  as well when `num_devices` is given, for planners such as the sweep).
   """
-  import os
-
-  from diffvit_jax.errors import ConfigError
-
   fail = _fail
+  _check_names(config)
   validate_model(config.model)
   _check_choices(config.data, "data.", node_is_section=True)
   _check_choices(config.train, "train.", node_is_section=True)
@@ -301,44 +305,18 @@ def validate(config, *, workdir: str | None = None, mode: str = "train",
            f"{t.warmup_steps!r} are both set: say the warmup one way (epochs follow the batch "
            "size, steps do not) and set the other to 0.")
   if d.randaugment:
-    from diffvit_jax.data import augment
-
     augment.parse_randaugment(d.randaugment, field="data.randaugment")
-  if d.train_corruption or d.eval_corruption:
-    from diffvit_jax.data import corruptions
-
-    if d.train_corruption:
-      corruptions.check(d.train_corruption, d.train_severity, "data.train_corruption")
-    if d.eval_corruption:
-      if d.source == "tiny_imagenet_c":  # Read from the published folders, not generated.
-        if d.eval_corruption not in corruptions.PUBLISHED_CORRUPTIONS:
-          fail("data.eval_corruption", f"{d.eval_corruption!r} is not a Tiny-ImageNet-C "
-               f"corruption: {', '.join(corruptions.PUBLISHED_CORRUPTIONS)}.")
-      else:
-        corruptions.check(d.eval_corruption, d.eval_severity, "data.eval_corruption")
-  if num_devices is None:
-    import jax
-
-    num_devices = jax.device_count()
-  for field in ("train.batch_size", "train.eval_batch_size"):
-    if _get(config, field) % num_devices:
-      fail(field, f"the global batch {_get(config, field)} is not divisible by the "
-           f"{num_devices} devices; batch sizes in configs are global.")
-  per_device, count = t.batch_size // num_devices, microbatches(t)
-  if mode == "train" and count and per_device % count:
-    fail("train.microbatches", f"{count} does not divide the {per_device} examples "
-         f"each of the {num_devices} device(s) gets of train.batch_size={t.batch_size}.")
-  if workdir is not None:
-    if not workdir:
-      raise ConfigError("--workdir is empty: give a directory for checkpoints and logs.")
-    parent = workdir
-    while not os.path.exists(parent):
-      parent = os.path.dirname(os.path.abspath(parent))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-      raise ConfigError(f"--workdir {workdir!r} is not writable (checked {parent!r}).")
-  from diffvit_jax.data import input_pipeline
-
-  input_pipeline.get_dataset_info(d)  # Raises DataError with how to get a missing data set.
+  if d.train_corruption:
+    corruptions.check(d.train_corruption, d.train_severity, "data.train_corruption")
+  if d.eval_corruption:
+    if d.source == "tiny_imagenet_c":  # Read from the published folders, not generated.
+      if d.eval_corruption not in corruptions.PUBLISHED_CORRUPTIONS:
+        fail("data.eval_corruption", f"{d.eval_corruption!r} is not a Tiny-ImageNet-C "
+             f"corruption: {', '.join(corruptions.PUBLISHED_CORRUPTIONS)}.")
+    else:
+      corruptions.check(d.eval_corruption, d.eval_severity, "data.eval_corruption")
+  if num_devices is not None:
+    sharding.check_batch_split(config, num_devices, mode=mode)
 
 
 def archs() -> tuple[str, ...]:

@@ -5,6 +5,14 @@ value, a missing data set, a checkpoint from another config. Entry points
 catch `UserError`, print its message without a traceback and exit non-zero.
 """
 
+import difflib
+
+
+def did_you_mean(name: str, names) -> str:
+  """'; did you mean 'x'?' for the valid name nearest `name`, or '' if none is near."""
+  close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
+  return f"; did you mean {close[0]!r}?" if close else ""
+
 
 class UserError(Exception):
   """Something the user can fix; the message says what and how."""

@@ -13,22 +13,16 @@ Anything the user can fix (config, data, checkpoints) ends with one paragraph
 on stderr and a non-zero exit, never a traceback; SIGTERM/SIGINT save a checkpoint first.
 """
 
+import json
+import logging as py_logging
 import os
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before any TF import: TF only serves CLU.
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from diffvit_jax import cpu_runtime  # noqa: E402
-
-cpu_runtime.apply_cpu_defaults()  # Before JAX initialises: see benchmarks/RESULTS.md.
-
-import json  # noqa: E402
-import logging as py_logging  # noqa: E402
-import sys  # noqa: E402
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from diffvit_jax.errors import Preempted, UserError  # noqa: E402
+from diffvit_jax import config_cli, cpu_runtime
+from diffvit_jax.errors import Preempted, UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py:vit. "
@@ -95,7 +89,7 @@ def _run(flag_config, workdir: str, mode: str) -> dict:
 
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # The chief logs the run; the others only problems.
-  config_lib.validate(config, workdir=workdir, mode=mode)
+  config_lib.validate(config, mode=mode)
   from diffvit_jax.training import (
     loop as train,  # Only now pay for importing TensorFlow (CLU's writers).
   )
@@ -128,9 +122,12 @@ def main(argv):
 
 
 def run():
+  # The process's set-up, before TensorFlow (it only serves CLU) and JAX initialise.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  cpu_runtime.apply_cpu_defaults()
   flags.mark_flags_as_required(["workdir"])
   try:
-    app.run(main)
+    app.run(main, flags_parser=config_cli.flags_parser)
   except UserError as e:  # Raised while the config file itself was being loaded.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(e.exit_code)

@@ -1,4 +1,8 @@
-"""`diffvit_jax.cli`: the tools' absl flag parsing and its user errors."""
+"""`diffvit_jax.cli` and `config_cli`: the tools' flag parsing and its user errors."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 from absl import flags
@@ -41,3 +45,24 @@ def test_help_prints_usage_and_flags(tool_flags, capsys):
   assert cli.parse(tool_flags, ["--help"], prog="tool", usage="Does things.") is None
   out = capsys.readouterr().out
   assert out.startswith("Does things.") and "--top_k" in out and "--workdir" in out
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("module, args", [
+    ("diffvit_jax.main", ["--workdir", "unused"]),
+    ("diffvit_jax.tools.describe", []),
+    ("diffvit_jax.tools.bench", []),
+])
+def test_a_mistyped_config_override_is_one_paragraph(module, args):
+  result = subprocess.run(
+      [sys.executable, "-m", module, "--config", "configs/digits.py:vit", *args,
+       "--config.train.stpes=10"],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines() == [
+      "error: --config.train.stpes=10: config.train has no field 'stpes'; did you mean "
+      "'steps'? Overrides name a field of the config, e.g. --config.train.steps=100."]

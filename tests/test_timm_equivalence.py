@@ -6,19 +6,18 @@ perturbed first (noise on every tensor, norm scales and lambdas included) so
 that a transposed kernel, a missing bias or a wrong lambda_init shows.
 """
 
+import jax
 import numpy as np
 import pytest
 
+from diffvit_jax import config_lib
+from diffvit_jax.errors import ConfigError
+from diffvit_jax.interop import convert
+from diffvit_jax.models import build_model, lambda_init, posemb
+from diffvit_jax.models.vit import stochastic_depth_rates
+
 torch = pytest.importorskip("torch")
 vision_transformer = pytest.importorskip("timm.models.vision_transformer")
-
-import jax  # noqa: E402
-
-from diffvit_jax import config_lib  # noqa: E402
-from diffvit_jax.errors import ConfigError  # noqa: E402
-from diffvit_jax.interop import convert  # noqa: E402
-from diffvit_jax.models import build_model, lambda_init, posemb  # noqa: E402
-from diffvit_jax.models.vit import stochastic_depth_rates  # noqa: E402
 
 IMAGE = 16
 TOLERANCE = 1e-4

@@ -33,6 +33,22 @@ def make_mesh(devices=None) -> Mesh:
                        devices=devices)
 
 
+def check_batch_split(config, num_devices: int, *, mode: str = "train") -> None:
+  """ConfigError unless the global batches (and the train microbatches) split over the devices."""
+  train = config.train
+  for field in ("batch_size", "eval_batch_size"):
+    if train[field] % num_devices:
+      raise ConfigError(f"config.train.{field}: the global batch {train[field]} is not "
+                        f"divisible by the {num_devices} devices; batch sizes in configs are "
+                        "global.")
+  per_device = train.batch_size // num_devices
+  count = None if str(train.microbatches).strip() == "auto" else int(train.microbatches)
+  if mode == "train" and count and per_device % count:
+    raise ConfigError(f"config.train.microbatches: {count} does not divide the {per_device} "
+                      f"examples each of the {num_devices} device(s) gets of "
+                      f"train.batch_size={train.batch_size}.")
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over 'data', the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))

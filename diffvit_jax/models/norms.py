@@ -17,12 +17,11 @@ HEAD_NORM_EPS = 1e-5
 
 
 def make_norm(kind: str, *, eps: float, dtype, name: str | None = None) -> nn.Module:
-  """A norm over the last axis; statistics in float32 (flax upcasts), output in `dtype`."""
+  """A norm over the last axis ('layernorm' | 'rmsnorm', validated by config_lib); statistics
+  in float32 (flax upcasts), output in `dtype`."""
   if kind == "layernorm":
     # Two-pass variance, as torch computes it: E[x^2] - E[x]^2 loses digits
     # when the mean is large, which would show in the timm equivalence tests.
     return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
                         use_fast_variance=False, name=name)
-  if kind == "rmsnorm":
-    return nn.RMSNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name)
-  raise ValueError(f"Unknown norm {kind!r}; expected one of {NORMS}.")
+  return nn.RMSNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name)  # 'rmsnorm'

@@ -8,16 +8,13 @@ the highest seed, at the steps every seed has logged.
 import os
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-matplotlib.use("Agg")  # Files only; never needs a display.
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
-
-from diffvit_jax.models import registry  # noqa: E402
-from diffvit_jax.models.differential import lambda_init  # noqa: E402
-from diffvit_jax.reporting import runs as runs_lib  # noqa: E402
+from diffvit_jax.models import registry
+from diffvit_jax.models.differential import lambda_init
+from diffvit_jax.reporting import runs as runs_lib
 
 DPI = 110
 # (tag, panel title, y label) of the learning-curve panels.
@@ -27,6 +24,7 @@ CURVES = (
     ("eval/top1", "Validation top-1", "top-1 accuracy"),
 )
 
+matplotlib.use("Agg")  # Files only; never needs a display (no figure exists yet).
 plt.rcParams.update({"svg.fonttype": "none", "axes.grid": True, "grid.alpha": 0.3,
                      "axes.spines.top": False, "axes.spines.right": False})
 

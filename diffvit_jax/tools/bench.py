@@ -33,26 +33,21 @@ training); scripts importing this module call it themselves before JAX starts.
 Nothing here imports TensorFlow: it runs on the GPU machine, which has none.
 """
 
-from diffvit_jax import cpu_runtime
+import json
+import statistics
+import sys
+import time
 
-if __name__ == "__main__":
-  cpu_runtime.apply_cpu_defaults()  # Before jax initialises its backends.
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-import json  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from diffvit_jax import cpu_runtime  # noqa: E402
-from diffvit_jax.data import sharding  # noqa: E402
-from diffvit_jax.errors import UserError  # noqa: E402
-from diffvit_jax.models import attention_impl, stats  # noqa: E402
-from diffvit_jax.training import trainer as trainer_lib  # noqa: E402
+from diffvit_jax import config_cli, cpu_runtime
+from diffvit_jax.data import sharding
+from diffvit_jax.errors import UserError
+from diffvit_jax.models import attention_impl, stats
+from diffvit_jax.training import trainer as trainer_lib
 
 # Peak dense (no sparsity) TFLOP/s per device from the vendors' data sheets,
 # by compute dtype. 'float32' is what float32 matmuls run at under JAX's
@@ -230,5 +225,6 @@ def main(argv, flag_values):
 
 
 if __name__ == "__main__":
+  cpu_runtime.apply_cpu_defaults()  # Before JAX initialises its backends (importing it does not).
   _FLAGS = _define_flags()
-  app.run(lambda argv: main(argv, _FLAGS))
+  app.run(lambda argv: main(argv, _FLAGS), flags_parser=config_cli.flags_parser)

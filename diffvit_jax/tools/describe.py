@@ -20,6 +20,7 @@ from absl import app, flags
 from clu import parameter_overview
 from ml_collections import config_flags
 
+from diffvit_jax import config_cli
 from diffvit_jax.errors import ConfigError, UserError
 from diffvit_jax.models import registry, stats
 
@@ -93,4 +94,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_cli.flags_parser)

@@ -23,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from diffvit_jax.errors import CheckpointError
+from diffvit_jax.errors import CheckpointError, ConfigError
 from diffvit_jax.models import registry
 
 RUN_INFO = "run_info.json"  # The run's summary, with the config it trained with under 'config'.
@@ -53,6 +53,17 @@ RESUME_EXEMPT = {
               "checkpoint_every", "keep_checkpoints", "profile", "stop_check_every",
               "eval_batch_size", "on_nonfinite", "distributed", "steps", "num_epochs"),
 }
+
+
+def check_workdir(workdir: str) -> None:
+  """ConfigError unless `workdir` is, or can be made, a writable directory."""
+  if not workdir:
+    raise ConfigError("--workdir is empty: give a directory for checkpoints and logs.")
+  parent = workdir
+  while not os.path.exists(parent):
+    parent = os.path.dirname(os.path.abspath(parent))
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir {workdir!r} is not writable (checked {parent!r}).")
 
 
 def run_identity(config) -> dict[str, Any]:

@@ -130,7 +130,8 @@ class Run:
 def setup(config, workdir: str, *, for_training: bool = True) -> Run:
   """Everything a run needs before its first step (shared with `eval` mode)."""
   mesh = sharding.make_mesh()
-  info = input_pipeline.get_dataset_info(config.data)
+  sharding.check_batch_split(config, mesh.size, mode="train" if for_training else "eval")
+  info = input_pipeline.get_dataset_info(config.data)  # DataError: how to get a missing set
   if info.num_classes != config.model.num_classes:
     raise ConfigError(
         f"config.model.num_classes={config.model.num_classes} but the data source "
@@ -157,6 +158,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _train_and_evaluate(config, workdir: str, guard: PreemptionGuard) -> dict:
+  checkpointing.check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   run = setup(config, workdir)
   info, ckpt, mesh = run.info, run.ckpt, run.trainer.mesh
