@@ -7,10 +7,13 @@
 #                                          where none is visible: login nodes, container builds)
 #   ./launch.sh quickstart                 ViT and DiffViT on the embedded digits data (CPU, minutes)
 #   ./launch.sh test                       the test suite (installs the test extra: pytest, torch, timm)
-#   ./launch.sh tiny_imagenet [protocol] [sizes] [seeds]
-#                                          the six experiments: protocol v2|seed (default v2),
-#                                          sizes "10m 20m 30m", seeds "0"; one run per GPU when
-#                                          several are visible, else one after another
+#   ./launch.sh tiny_imagenet [protocol] [sizes] [seeds] [--dry_run|--status|--slurm ...]
+#                                          the six experiments x seeds (the sweep,
+#                                          diffvit_jax/tools/sweep.py): protocol v2|seed (default
+#                                          v2), sizes "10m 20m 30m", seeds "0 1 2"; the plan, then
+#                                          one run per GPU (the next on the first that frees), the
+#                                          report; --dry_run: the plan only; --status: each run's
+#                                          state; --slurm: sbatch scripts (a job array + report)
 #   ./launch.sh report [RUN_DIR...]        plots and tables from runs/ (default: every run)
 #   ./launch.sh multihost N [main.py flags...]
 #                                          N training processes on this machine (CPU devices,
@@ -116,41 +119,26 @@ num_gpus() {
   else echo 0; fi
 }
 
-tiny_imagenet() {
+tiny_imagenet() {  # tiny_imagenet [protocol] [sizes] [seeds] [sweep flags...]: the sweep
   setup
-  local protocol="${1:-v2}" sizes="${2:-10m 20m 30m}" seeds="${3:-0}"
-  local gpus jobs=() pids=() i=0 data_dir="${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}"
-  gpus=$(num_gpus)
-  if [ "$gpus" -gt 0 ]; then require_cuda; fi
+  local positional=() flags=() data_dir="${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}" plan_only=""
+  for arg in "$@"; do  # positionals first; from the first flag on, everything is a flag
+    if [ "${#flags[@]}" -eq 0 ] && [ "${arg#-}" = "$arg" ]; then positional+=("$arg")
+    else flags+=("$arg"); fi
+    case "$arg" in --dry_run | --dry_run=true | --status | --status=true) plan_only=1 ;; esac
+  done
+  local protocol="${positional[0]:-v2}" sizes="${positional[1]:-10m 20m 30m}"
+  local seeds="${positional[2]:-0 1 2}"
+  if [ "$(num_gpus)" -gt 0 ]; then require_cuda; fi
   # Download (or take from $data_dir/downloads/manual) and build once; a no-op when built.
-  "$PY" -m diffvit_jax.data.prepare tiny_imagenet --data_dir "$data_dir"
-  for size in $sizes; do
-    for arch in vit diffvit; do
-      for seed in $seeds; do
-        jobs+=("$arch $size $seed")
-      done
-    done
-  done
-  for job in "${jobs[@]}"; do
-    read -r arch size seed <<<"$job"
-    local workdir="runs/tiny_imagenet/$protocol/${arch}_${size}/seed$seed"
-    local config="configs/tiny_imagenet.py:${arch}_${size},$protocol"
-    mkdir -p "$workdir"
-    if [ "$gpus" -gt 1 ]; then
-      echo "== $arch $size seed $seed on GPU $((i % gpus)) -> $workdir (log: $workdir/train.log)"
-      CUDA_VISIBLE_DEVICES=$((i % gpus)) train "$config" "$workdir" --config.data.dir="$data_dir" \
-        --config.train.seed="$seed" >"$workdir/train.log" 2>&1 &
-      pids+=($!)
-      i=$((i + 1))
-      if [ "${#pids[@]}" -ge "$gpus" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
-    else
-      echo "== $arch $size seed $seed -> $workdir"
-      train "$config" "$workdir" --config.data.dir="$data_dir" --config.train.seed="$seed" 2>&1 \
-        | tee -a "$workdir/train.log"
-    fi
-  done
-  for pid in "${pids[@]}"; do wait "$pid"; done
-  echo "== done; ./launch.sh report runs/tiny_imagenet/$protocol/*/* for plots and tables"
+  # Not for a plan or a look at the state, which must not start a download.
+  if [ -z "$plan_only" ]; then
+    "$PY" -m diffvit_jax.data.prepare tiny_imagenet --data_dir "$data_dir"
+  fi
+  # The queue, its plan, status, SLURM scripts and the report: diffvit_jax/tools/sweep.py.
+  # shellcheck disable=SC2086
+  "$PY" -m diffvit_jax.tools.sweep --protocol "$protocol" --sizes "$sizes" --seeds "$seeds" \
+    --config.data.dir="$data_dir" ${flags[@]+"${flags[@]}"} ${EXTRA_ARGS:-}
 }
 
 report() {
