@@ -184,15 +184,28 @@ def build_config(config_arg: str, overrides: list[str]):
   return fv.config
 
 
-def build_configs(runs: list[Run], overrides: list[str], num_devices: int) -> dict[int, object]:
-  """Each run's config (built and validated here, so a typo is one error before any run)."""
-  from diffvit_jax import config_lib
+def build_configs(runs: list[Run], overrides: list[str], num_devices: int, *,
+                  need_data: bool = True) -> dict[int, object]:
+  """Each run's config (built and validated here, so a typo is one error before any run).
 
-  configs = {}
+  The data set's presence is checked last by validation; with `need_data=False` (a plan,
+  SLURM scripts written where the data is not) its absence is a note, not an error.
+  """
+  from diffvit_jax import config_lib
+  from diffvit_jax.errors import DataError
+
+  configs, missing = {}, None
   for run in runs:
     configs[run.index] = config = build_config(run.config_arg, [
         f"--config.train.seed={run.seed}", *overrides])
-    config_lib.validate(config, mode="train", num_devices=num_devices)
+    try:
+      config_lib.validate(config, mode="train", num_devices=num_devices)
+    except DataError as e:
+      if need_data:
+        raise
+      missing = str(e).splitlines()[0]
+  if missing:
+    print(f"Note: the runs will need their data set, which is not here: {missing}")
   return configs
 
 
@@ -438,13 +451,14 @@ def _model_key(config) -> str:
 
 
 def plan_models(runs: list[Run], configs: dict, overrides: list[str], slot: Slot,
-                python: str) -> dict[int, dict]:
+                python: str, need_data: bool) -> dict[int, dict]:
   """run index -> its model's plan (tools/sweep_plan.py in a process on `slot`'s devices)."""
   keys, spec = {}, {}
   for run in runs:
     key = keys[run.index] = _model_key(configs[run.index])
     item = spec.setdefault(key, dict(key=key, config=run.config_arg, overrides=overrides,
-                                     time=True, num_devices=slot.num_devices, labels=[]))
+                                     time=True, num_devices=slot.num_devices, labels=[],
+                                     need_data=need_data))
     if f"{run.arch}_{run.size}" not in item["labels"]:  # overrides can make sizes one model
       item["labels"].append(f"{run.arch}_{run.size}")
   env = dict(os.environ, **slot.env)
@@ -726,7 +740,8 @@ def _run_main(argv: list[str]) -> int:
                       {"JAX_PLATFORMS": "cpu"} if cpu else {}, 1 if cpu else fv.gpus_per_run)]
   else:
     slot_list, slot_line = slots(fv.devices, fv.gpus_per_run)
-  configs = build_configs(runs, overrides, slot_list[0].num_devices)
+  configs = build_configs(runs, overrides, slot_list[0].num_devices,
+                          need_data=not (fv.dry_run or fv.slurm or fv.report))
   checks = check_workdirs(runs, configs)
   if fv.slurm:
     array, report = write_slurm(runs, fv, overrides)
@@ -748,7 +763,8 @@ def _run_main(argv: list[str]) -> int:
   plans = {}
   if fv.task_id is None:
     todo = [r for r in runs if checks[r.index][0] == 1]  # what is finished needs no plan
-    plans = plan_models(todo, configs, overrides, slot_list[0], fv.python) if todo else {}
+    plans = plan_models(todo, configs, overrides, slot_list[0], fv.python,
+                        need_data=not fv.dry_run) if todo else {}
     print_plan(runs, fv, overrides, slot_list, slot_line, plans, checks)
   if fv.dry_run:
     return 0

@@ -38,13 +38,13 @@ def plan_one(item: dict) -> dict:
   from diffvit_jax.training import optim
 
   config = sweep.build_config(item["config"], item["overrides"])
-  num_train, source = None, ""
-  if not config.train.steps:  # steps from epochs: the data set's size is needed
-    try:
-      num_train, source = input_pipeline.get_dataset_info(config.data).num_train, "data set"
-    except UserError:
-      num_train = KNOWN_TRAIN_EXAMPLES.get(config.data.source)
-      source = "published size; data set not built here"
+  try:  # Before training, a missing data set is one error here, not one per run.
+    num_train, source = input_pipeline.get_dataset_info(config.data).num_train, "data set"
+  except UserError:
+    if item["need_data"]:
+      raise
+    num_train = KNOWN_TRAIN_EXAMPLES.get(config.data.source)
+    source = "published size; data set not built here"
   total_steps = None
   if config.train.steps or num_train:
     total_steps = optim.total_train_steps(config.train, num_train or 0)
