@@ -9,27 +9,6 @@ to [0, 1], scaled by 255 and truncated (the generator's `np.uint8(...)`), then
 saved as JPEG at quality 85 as the generator saved every published file
 (`save_jpeg`, on by default; off, the output is the corruption alone).
 
-What differs from the generator, and by how much:
-  * Randomness comes from the caller's `np.random.Generator` (one per image),
-    not numpy's global state: same distributions, other draws.
-  * OpenCV is not used. defocus_blur's disk kernel and elastic_transform's
-    affine warp are restated in numpy/scipy; both agree with OpenCV up to float
-    rounding (and, for the warp, OpenCV's 1/32-pixel coordinate grid, which is
-    reproduced), so single pixels may land one grey level apart after truncation.
-  * ImageMagick (Wand) is not used. Its MotionBlurImage, which motion_blur and
-    snow call, is restated from its definition: a one-sided, normalised Gaussian
-    of 2 * ceil(radius) + 1 taps, tap i reading the pixel at
-    (ceil(i cos a - 0.5), ceil(i sin a - 0.5)) columns/rows away, edges
-    repeated, the result rounded to 8 bits. ImageMagick's 16-bit intermediate
-    can round a value one grey level differently.
-  * frost is absent: it blends in the generator's six frost photographs, which
-    this package does not ship. It exists only in the published folders
-    (data.source='tiny_imagenet_c').
-  * The generator's images are ImageNet validation crops resized to 64x64, not
-    Tiny ImageNet's validation images: numbers from generated corruptions are
-    for comparing models here, and only the published folders give numbers
-    comparable with papers.
-
 Besides the 15 benchmark corruptions, speckle_noise and gaussian_blur (the
 generator's "extra" corruptions, not part of the benchmark's mCE) are available.
 """

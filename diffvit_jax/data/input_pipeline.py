@@ -1,24 +1,4 @@
 """The input pipeline the trainer calls: dataset info, train and eval iterators (grain).
-
-Train: global shuffle per epoch (seeded), infinite repeat, per-example
-augmentation seeded by (seed, position in the stream), cut into global batches
-of which process p takes the contiguous block of rows [p * b, (p + 1) * b)
-(b = global batch / process count). Those rows are exactly where
-`sharding.shard_batch` puts process p's data in the global array, so every
-example sits at the same global index whatever the process count, and so does
-all per-example randomness keyed by that index (hashed dropout and drop-path,
-mixing partners): N processes, N devices of one process and one device train
-the same model. The iterator state (the next global batch) is the same on
-every process and valid for any process count. Each
-batch is assembled whole inside one thread or worker process, so the batches
-are the same whatever `data.num_workers` / `data.read_threads` are. The
-iterator is a `grain.DatasetIterator`: `get_state()` / `set_state()` (or
-orbax with `grain.checkpoint.CheckpointSave` / `CheckpointRestore`) resume
-it at the same batch.
-
-Eval: every example exactly once over all processes (process p takes
-examples p, p + P, ...), each host padded to the same number of full batches;
-padding has mask 0. Deterministic, corruptions included.
 """
 
 from collections.abc import Iterable
@@ -40,7 +20,24 @@ def get_dataset_info(data) -> DatasetInfo:
 
 def create_train_iterator(data, *, global_batch_size: int, seed: int, process_index: int = 0,
                           process_count: int = 1) -> grain.DatasetIterator:
-  """Infinite iterator of this host's batches {'image': f32 [b, S, S, 3], 'label': i32 [b]}."""
+  """Infinite iterator of this host's batches {'image': f32 [b, S, S, 3], 'label': i32 [b]}.
+
+  Train: global shuffle per epoch (seeded), infinite repeat, per-example
+  augmentation seeded by (seed, position in the stream), cut into global batches
+  of which process p takes the contiguous block of rows [p * b, (p + 1) * b)
+  (b = global batch / process count). Those rows are exactly where
+  `sharding.shard_batch` puts process p's data in the global array, so every
+  example sits at the same global index whatever the process count, and so does
+  all per-example randomness keyed by that index (hashed dropout and drop-path,
+  mixing partners): N processes, N devices of one process and one device train
+  the same model. The iterator state (the next global batch) is the same on
+  every process and valid for any process count. Each
+  batch is assembled whole inside one thread or worker process, so the batches
+  are the same whatever `data.num_workers` / `data.read_threads` are. The
+  iterator is a `grain.DatasetIterator`: `get_state()` / `set_state()` (or
+  orbax with `grain.checkpoint.CheckpointSave` / `CheckpointRestore`) resume
+  it at the same batch.
+  """
   host_batch = _host_batch_size(global_batch_size, process_index, process_count,
                                 "train.batch_size")
   transform = preprocess.TrainPreprocess.from_config(data)
@@ -69,6 +66,10 @@ def create_eval_iterator(data, *, global_batch_size: int, process_index: int = 0
   `corruption` / `severity` default to data.eval_corruption / data.eval_severity;
   pass '' for the clean set. With data.source='tiny_imagenet_c' a corruption
   reads the published Tiny-ImageNet-C files; otherwise it is generated.
+
+  Eval: every example exactly once over all processes (process p takes
+  examples p, p + P, ...), each host padded to the same number of full batches;
+  padding has mask 0. Deterministic, corruptions included.
   """
   corruption = data.eval_corruption if corruption is None else corruption
   severity = data.eval_severity if severity is None else severity

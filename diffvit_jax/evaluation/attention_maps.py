@@ -3,18 +3,6 @@ r"""Figures of what each layer and head attends to, for a checkpoint and a few v
   python -m diffvit_jax.evaluation.attention_maps --workdir RUN [--num_images 4] [--out DIR] \
       [--best]
 
-The maps come from `models.attention_maps` (the extraction lives with the
-models). For each image, one figure: a row per layer, and per head the
-attention of the class token (pool='cls') or the mean over query tokens
-(pool='gap') over the patches, on the patch grid, beside the input image. For
-differential models each head shows its two softmax maps A1, A2 and the
-differential map A1 - lambda A2 that the layer actually uses: the paper's
-claim is that the subtraction cancels attention noise, which shows as a
-differential map more concentrated than A1. A1 and A2 share one colour scale
-per layer; the difference has its own, diverging and centred on zero (blue
-means the pair takes probability away from a patch). One more figure shows all
-images at once with the head-averaged map of every layer.
-
 Writes into --out (default RUN/attention_maps): attention_<i>.{png,svg} per
 image and attention_summary.{png,svg}.
 """
@@ -204,7 +192,20 @@ def summary_figure(images, layers: list[dict], titles: list[str], suptitle: str)
 
 def write_attention_maps(workdir: str, out_dir: str = "", num_images: int = 4,
                          best: bool = False) -> list[str]:
-  """Writes the per-image figures and the summary; returns the PNG paths."""
+  """Writes the per-image figures and the summary; returns the PNG paths.
+
+  The maps come from `models.attention_maps` (the extraction lives with the
+  models). For each image, one figure: a row per layer, and per head the
+  attention of the class token (pool='cls') or the mean over query tokens
+  (pool='gap') over the patches, on the patch grid, beside the input image. For
+  differential models each head shows its two softmax maps A1, A2 and the
+  differential map A1 - lambda A2 that the layer actually uses: the paper's
+  claim is that the subtraction cancels attention noise, which shows as a
+  differential map more concentrated than A1. A1 and A2 share one colour scale
+  per layer; the difference has its own, diverging and centred on zero (blue
+  means the pair takes probability away from a patch). One more figure shows all
+  images at once with the head-averaged map of every layer.
+  """
   import jax
 
   from diffvit_jax import models

@@ -4,16 +4,6 @@ timm is the reference the tests compare against: `timm_kwargs` builds the timm
 model equivalent to a `config.model`, `from_timm` ports its state dict into our
 parameter tree and `to_timm` goes back. torch and timm are imported lazily so
 that importing this module costs nothing.
-
-Layout differences handled here:
-- torch Linear weights are [out, in], flax Dense kernels [in, out];
-- the patch-embedding conv is OIHW in torch, HWIO in flax;
-- timm's attention has one fused `qkv` Linear [3D, D]; ours has separate
-  query/key/value kernels (rows 0:D, D:2D, 2D:3D of timm's weight);
-- timm's DiffAttention `sub_norm` is our `head_norm` (always RmsNorm, eps 1e-5,
-  so only diff_head_norm='rmsnorm' has a timm equivalent);
-- timm has no 'sincos2d' position embedding: timm_kwargs asks for a learned
-  one and to_timm fills it with our fixed table (zeros for the class token).
 """
 
 from collections.abc import Iterator, Mapping
@@ -134,6 +124,16 @@ def from_timm(state_dict: Mapping[str, Any], model_config) -> dict:
 
   Raises ConfigError when the state dict does not match the config (missing or
   extra tensors, e.g. attn_bias or pool differing from the timm model's).
+
+  Layout differences handled here:
+  - torch Linear weights are [out, in], flax Dense kernels [in, out];
+  - the patch-embedding conv is OIHW in torch, HWIO in flax;
+  - timm's attention has one fused `qkv` Linear [3D, D]; ours has separate
+    query/key/value kernels (rows 0:D, D:2D, 2D:3D of timm's weight);
+  - timm's DiffAttention `sub_norm` is our `head_norm` (always RmsNorm, eps 1e-5,
+    so only diff_head_norm='rmsnorm' has a timm equivalent);
+  - timm has no 'sincos2d' position embedding: timm_kwargs asks for a learned
+    one and to_timm fills it with our fixed table (zeros for the class token).
   """
   _check_timm_compatible(model_config)
   m = model_config

@@ -12,11 +12,6 @@
             it as one call at head size 2d (q/k zero-padded, `attention_ops.differential_cudnn`).
   'auto'    'cudnn' where it can run; else 'einsum' when attention dropout is
             on; else 'xla'.
-
-`resolve` applies these rules before anything is traced, and a path that
-cannot run here is a ConfigError saying why, never a silent fallback. The
-device is read as a `DeviceInfo` (tests construct one). The result is logged
-at start and written to run_info.json under 'attention'.
 """
 
 import dataclasses
@@ -110,6 +105,11 @@ def resolve(model_config, backend: str | None = None,
 
   Default: this process's first device; a `backend` named alone (planning, tests) stands
   for `DeviceInfo.nominal(backend)`.
+
+  `resolve` applies these rules before anything is traced, and a path that
+  cannot run here is a ConfigError saying why, never a silent fallback. The
+  device is read as a `DeviceInfo` (tests construct one). The result is logged
+  at start and written to run_info.json under 'attention'.
   """
   if device is None:
     device = DeviceInfo.nominal(backend) if backend is not None else local_device()

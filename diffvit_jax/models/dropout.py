@@ -1,22 +1,13 @@
 """Dropout (and drop-path) whose masks come from a keyed counter hash instead of threefry.
 
-`flax.linen.Dropout` draws one threefry-2x32 value per element. On the CPU
-that is a sizeable part of a train step with dropout (`rbg` keys are slower
-still there; the timings are in benchmarks/RESULTS.md). Here each call
-draws only a 64-bit seed from the module's 'dropout' stream (threefry, as
-before) and the mask bits are a keyed integer hash of the element index: a
-handful of fused, vectorised integer ops per element, far cheaper.
-
-The hash is two rounds of the 'lowbias32' finaliser (good avalanche, bias
-~1e-3 of an ideal hash in its author's tests), keyed by both seed words, so
-masks of different calls do not repeat each other. That is ample for
-dropout, whose masks only need to be independent of the data and of each
-other; use jax.random for anything else. The keep probability is exact to
-2^-32 and kept values are scaled by 1 / keep, as `nn.Dropout` does. The mask
-depends only on (rng, shape, example index), not on how the batch is sharded:
-row r of a microbatch is example `stride * r + offset` of the global batch
-(`example_rows`, set by the train step), so gradient accumulation draws the
-masks the whole batch would.
+Each call draws a 64-bit seed from the module's 'dropout' stream and the mask
+bits are two rounds of the 'lowbias32' integer hash of (seed, element index):
+a few fused integer ops per element, far cheaper than `nn.Dropout`'s threefry
+draw per element on the CPU (timings in benchmarks/RESULTS.md). Ample for
+dropout, whose masks only need independence from the data and each other. The
+mask depends only on (rng, shape, global example index): row r of a microbatch
+is example `stride * r + offset` (`example_rows`, set by the train step), so
+gradient accumulation draws the masks the whole batch would.
 """
 
 import contextlib

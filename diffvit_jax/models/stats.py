@@ -1,8 +1,6 @@
 """Sizes and costs computed from the real parameter tree (via `jax.eval_shape`, no allocation).
 
-The study this project reproduces compared models whose sizes were read off a
-summary tool that missed some weights; here every count comes from the tree
-the trainer optimises.
+Every count comes from the tree the trainer optimises, never from a summary of the layers.
 """
 
 import functools

@@ -2,34 +2,6 @@ r"""Plots and tables from training workdirs.
 
   python -m diffvit_jax.reporting.report RUN_DIR... --out reports
   ./launch.sh report                      # every run under runs/
-
-Reads each run's TensorBoard events (written by CLU), run_info.json and,
-when `--mode eval_corrupted` was run, robustness.json; groups the seeds of each
-config (see `reporting.runs`: only finished runs of matching configs count; the
-report lists the others and why) and writes into --out:
-
-  report.md                    the tables below and the figures, in one page, opening
-                               with the verdict
-  verdict.csv                  per size and protocol, parameter-matched differential minus
-                               classic: the primary endpoint (final top-1: paired t, Holm over
-                               the sizes of a protocol, TOST against --equivalence_margin, MDE
-                               and seeds needed, two-level bootstrap, per-seed values, reading)
-                               and the secondary, descriptive val loss
-  per_seed.csv                 per paired seed: both top-1s, discordant images, McNemar's p
-  results.{md,csv}             per config: params, training GFLOPs/image, seeds, final
-                               top-1/top-5/val loss (the headline), best-on-val top-1 with the
-                               top-5 of that evaluation, throughput, wall time
-  differences.{md,csv}         parameter-matched pairs (within 0.5%): more metrics, same CI
-  unmatched.csv                pairs that are not matched (DiffViT-v2): accuracy beside
-                               parameters and training GFLOPs
-  runs.csv                     the same numbers per run
-  curves_<protocol>_<size>.{png,svg}   ViT vs DiffViT at one size
-  curves_<protocol>_<arch>.{png,svg}   one architecture across sizes
-  lambda_<protocol>.{png,svg}          lambda per layer over training (differential)
-  robustness.{md,csv}                  when the runs have robustness.json: clean top-1,
-                                       mean corruption error, mCE, top-1 per corruption
-  robustness_<protocol>_<size>.{png,svg}         top-1 (mean over corruptions) vs severity
-  robustness_<protocol>_<size>_<arch>.{png,svg}  top-1 per corruption vs severity
 """
 
 import os
@@ -147,6 +119,34 @@ def write_report(workdirs: list[str], out_dir: str, *,
 
   Only the runs `runs.admit` admits enter the tables and figures; the others
   are listed with the reason. `margin`: the equivalence margin (top-1 fraction).
+
+  Reads each run's TensorBoard events (written by CLU), run_info.json and,
+  when `--mode eval_corrupted` was run, robustness.json; groups the seeds of each
+  config (see `reporting.runs`: only finished runs of matching configs count; the
+  report lists the others and why) and writes into --out:
+
+    report.md                    the tables below and the figures, in one page, opening
+                                 with the verdict
+    verdict.csv                  per size and protocol, parameter-matched differential minus
+                                 classic: the primary endpoint (final top-1: paired t, Holm over
+                                 the sizes of a protocol, TOST against --equivalence_margin, MDE
+                                 and seeds needed, two-level bootstrap, per-seed values, reading)
+                                 and the secondary, descriptive val loss
+    per_seed.csv                 per paired seed: both top-1s, discordant images, McNemar's p
+    results.{md,csv}             per config: params, training GFLOPs/image, seeds, final
+                                 top-1/top-5/val loss (the headline), best-on-val top-1 with the
+                                 top-5 of that evaluation, throughput, wall time
+    differences.{md,csv}         parameter-matched pairs (within 0.5%): more metrics, same CI
+    unmatched.csv                pairs that are not matched (DiffViT-v2): accuracy beside
+                                 parameters and training GFLOPs
+    runs.csv                     the same numbers per run
+    curves_<protocol>_<size>.{png,svg}   ViT vs DiffViT at one size
+    curves_<protocol>_<arch>.{png,svg}   one architecture across sizes
+    lambda_<protocol>.{png,svg}          lambda per layer over training (differential)
+    robustness.{md,csv}                  when the runs have robustness.json: clean top-1,
+                                         mean corruption error, mCE, top-1 per corruption
+    robustness_<protocol>_<size>.{png,svg}         top-1 (mean over corruptions) vs severity
+    robustness_<protocol>_<size>_<arch>.{png,svg}  top-1 per corruption vs severity
   """
   if not workdirs:
     raise DataError("No run directories given: pass the --workdir of one or more training "

@@ -5,20 +5,6 @@ r"""A training workdir as a `Run`, which runs may enter the verdict, and runs gr
 (exit 0: WORKDIR holds a finished run of that config; 1: no finished run; 3: a
 run of another config, the fields named) is what `launch.sh study` asks before
 it skips a run.
-
-A run is admitted to the verdict (`admit`) only when it finished
-(`completed_steps == total_steps`), its final metrics are finite, and its
-config equals that of the other runs of its protocol and size but for
-`model.arch`, `train.seed` and the fields that do not change the result
-(`RESULT_NEUTRAL`); a field the run's config lacks (older code) takes
-today's default. Every run left out is returned with its reason.
-
-Seeds of one config are one `Group`: the group key is the run's name and
-protocol (the config name minus the seed) plus its model size. The size is
-parsed from names such as 'vit_10m,v2'; runs whose names carry none (the
-digits runs) are sized by their model shape and labelled with the parameter
-count of the smallest model of that shape, so that a ViT and the DiffViT it is
-matched with land in the same size.
 """
 
 import collections
@@ -269,6 +255,13 @@ def group_runs(runs: list[Run]) -> list[Group]:
   """Groups the seeds of each config, sorted by protocol, size, architecture.
 
   DataError naming both workdirs when one config has two runs of one seed.
+
+  Seeds of one config are one `Group`: the group key is the run's name and
+  protocol (the config name minus the seed) plus its model size. The size is
+  parsed from names such as 'vit_10m,v2'; runs whose names carry none (the
+  digits runs) are sized by their model shape and labelled with the parameter
+  count of the smallest model of that shape, so that a ViT and the DiffViT it is
+  matched with land in the same size.
   """
   assign_sizes([r for r in runs if not r.size])
   groups: dict[tuple, Group] = {}
@@ -350,6 +343,13 @@ def admit(runs: list[Run]) -> tuple[list[Run], list[Excluded]]:
   Config agreement is checked per protocol and size: the config most of the
   finished runs share is the reference (ties: that of the first workdir in
   sorted order), and a run of another config is left out with the fields named.
+
+  A run is admitted to the verdict (`admit`) only when it finished
+  (`completed_steps == total_steps`), its final metrics are finite, and its
+  config equals that of the other runs of its protocol and size but for
+  `model.arch`, `train.seed` and the fields that do not change the result
+  (`RESULT_NEUTRAL`); a field the run's config lacks (older code) takes
+  today's default. Every run left out is returned with its reason.
   """
   assign_sizes(runs)
   excluded, candidates = [], []

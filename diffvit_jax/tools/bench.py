@@ -8,29 +8,13 @@ r"""Throughput of the real train step (or of the input pipeline) for one config.
   python -m diffvit_jax.tools.bench --config configs/tiny_imagenet.py:vit_10m --pipeline \
       --config.data.source=digits        # no Tiny ImageNet build needed
 
-Step mode times exactly what training runs: `steps.create_train_state` and
-`steps.jit_steps` of the config, fed synthetic batches that are already
-sharded on the device mesh (`sharding.shard_batch`), so the number is the
-step alone, not the input pipeline. Steps are dispatched back to back and
-the host waits only at the end of each timed window (as the training loop,
-which syncs only to log). `step_ms` is the median over `--repeats` windows
-of `--steps` steps each, after `--warmup` untimed steps; `compile_s` is the
-wall time of building the trainer (which compiles the step) and its first step.
-
-Pipeline mode times `input_pipeline.create_train_iterator` alone (host
-batches of the config's augmentation, no device transfer): tiny_imagenet
-configs need the built data set, or `--config.data.source=digits` to run the
-same augmentation on the embedded digits.
-
 Human-readable lines go to stderr; the last stdout line is one JSON object:
 arch, params, gflops_per_image (as `describe`), batch, images_per_sec,
 step_ms, compile_s, device_kind, num_devices, dtype and mfu (achieved model
 FLOP/s over the devices' peak dense FLOP/s from `PEAK_TFLOPS`; null where
 the device is not in the table, e.g. the CPU).
 
-On the CPU, `diffvit_jax.cpu_runtime.apply_cpu_defaults()` runs first (as in
-training); scripts importing this module call it themselves before JAX starts.
-Nothing here imports TensorFlow: it runs on the GPU machine, which has none.
+On the CPU, `cpu_runtime.apply_cpu_defaults()` runs first, as in training. No TensorFlow.
 """
 
 import json
@@ -124,6 +108,15 @@ def time_steps(train_step, state, batch, num_steps: int):
 
 
 def bench_step(config, batch_size: int, num_steps: int, warmup: int, repeats: int) -> dict:
+  """The train step's time, exactly as training runs it.
+
+  `steps.create_train_state` and `steps.jit_steps` of the config, fed synthetic batches
+  already sharded on the device mesh (`sharding.shard_batch`): the step alone, not the
+  input pipeline. Steps are dispatched back to back and the host waits only at the end of
+  each timed window (as the training loop, which syncs only to log). `step_ms` is the median
+  over `repeats` windows of `num_steps` steps, after `warmup` untimed steps; `compile_s` is
+  the wall time of building the trainer (which compiles the step) and its first step.
+  """
   mesh = sharding.make_mesh()
   start = time.perf_counter()
   trainer, batch = build_train_step(config, batch_size, mesh)  # compiles the step
@@ -150,6 +143,11 @@ def bench_step(config, batch_size: int, num_steps: int, warmup: int, repeats: in
 
 
 def bench_pipeline(config, batch_size: int, num_batches: int, warmup: int, repeats: int) -> dict:
+  """`input_pipeline.create_train_iterator` alone: host batches of the config's augmentation.
+
+  No device transfer. tiny_imagenet configs need the built data set, or
+  `--config.data.source=digits` to run the same augmentation on the embedded digits.
+  """
   from diffvit_jax.data import input_pipeline
 
   start = time.perf_counter()

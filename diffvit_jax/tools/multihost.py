@@ -3,16 +3,6 @@ r"""N processes of `diffvit_jax.main` on this machine, as a multi-host job would
   python -m diffvit_jax.tools.multihost 2 --config configs/digits.py:vit --workdir runs/mh
   ./launch.sh multihost 2 --config configs/digits.py:vit --workdir runs/mh
 
-Each process gets CPU devices (--devices_per_process, default 1), the coordinator
-127.0.0.1:<a free port>, its --process_id, and gloo for the cross-process
-collectives; every flag after N that is not one of this launcher's own goes to
-main.py unchanged, so batch sizes stay global. Process 0 (the chief) writes to
-this terminal; the others' output (warnings and errors only, see main.py) goes
-to <log_dir>/process_<i>.log. Each runs under `timeout -k`, in its own process
-group. If one fails, the others are stopped (they would wait in a collective
-for it forever) and the launcher exits with its code. SIGTERM / SIGINT to the
-launcher is passed on to every process: they save a checkpoint at one step and
-exit with 128 + 15; rerunning the same command resumes there.
 """
 
 import argparse
@@ -167,7 +157,19 @@ def wait(job: Job, *, error_grace_s: float = 10, preempt_grace_s: float = 300,
 
 
 def launch(num_processes: int, main_args: Sequence[str], **kwargs) -> int:
-  """Starts the processes and waits for them, passing SIGTERM / SIGINT on to all of them."""
+  """Starts the processes and waits for them, passing SIGTERM / SIGINT on to all of them.
+
+  Each process gets CPU devices (--devices_per_process, default 1), the coordinator
+  127.0.0.1:<a free port>, its --process_id, and gloo for the cross-process
+  collectives; every flag after N that is not one of this launcher's own goes to
+  main.py unchanged, so batch sizes stay global. Process 0 (the chief) writes to
+  this terminal; the others' output (warnings and errors only, see main.py) goes
+  to <log_dir>/process_<i>.log. Each runs under `timeout -k`, in its own process
+  group. If one fails, the others are stopped (they would wait in a collective
+  for it forever) and the launcher exits with its code. SIGTERM / SIGINT to the
+  launcher is passed on to every process: they save a checkpoint at one step and
+  exit with 128 + 15; rerunning the same command resumes there.
+  """
   start_kwargs = {k: v for k, v in kwargs.items() if k not in ("error_grace_s",
                                                               "preempt_grace_s")}
   wait_kwargs = {k: v for k, v in kwargs.items() if k in ("error_grace_s", "preempt_grace_s")}
