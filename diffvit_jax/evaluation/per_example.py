@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import optax
 
+from diffvit_jax import files
 from diffvit_jax.errors import DataError
 
 PER_EXAMPLE = "per_example.npz"
@@ -86,9 +87,8 @@ def write_final(state, config, mesh, workdir: str, step: int) -> str | None:
   arrays = evaluate_per_example(state, config, mesh)
   if jax.process_index() != 0:
     return None
-  tmp = path + ".tmp.npz"
-  np.savez_compressed(tmp, step=np.int64(step), **arrays)
-  os.replace(tmp, path)  # Never half a file.
+  files.write_atomically(path, lambda tmp: np.savez_compressed(tmp, step=np.int64(step), **arrays),
+                         suffix=".tmp.npz")  # savez would append .npz to another name
   return path
 
 

@@ -42,6 +42,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from diffvit_jax import files
 from diffvit_jax.errors import CheckpointError, ConfigError, DataError
 from diffvit_jax.reporting import plots
 from diffvit_jax.training import checkpointing
@@ -242,13 +243,6 @@ def read_results(workdir: str) -> dict | None:
                     "--mode eval_corrupted.") from e
 
 
-def _write_json(path: str, result: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)  # Never half a file, even if killed while writing.
-
-
 def write_csv(result: dict, path: str) -> None:
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
@@ -338,7 +332,7 @@ def evaluate_corrupted(config, workdir: str, *, baseline_workdir: str = "",
       logging.info("%s severity %d: top-1 %.4f (%d/%d)", name, severity,
                    cells[str(severity)]["top1"], done, total)
       if is_chief:
-        _write_json(json_path, result)
+        files.write_json(json_path, result)
   # Only the requested severities count in the summary.
   result["corrupted"] = {c: {str(s): result["corrupted"][c][str(s)] for s in severities}
                          for c in names}
@@ -346,7 +340,7 @@ def evaluate_corrupted(config, workdir: str, *, baseline_workdir: str = "",
   if baseline is not None:
     result["relative"] = relative_to(result, baseline, baseline_workdir)
   if is_chief:
-    _write_json(json_path, result)
+    files.write_json(json_path, result)
     write_csv(result, os.path.join(workdir, RESULTS_CSV))
     write_plot(result, os.path.join(workdir, RESULTS_PLOT))
   cover = result["coverage"]

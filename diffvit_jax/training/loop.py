@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from diffvit_jax import cpu_runtime, distributed, models
+from diffvit_jax import cpu_runtime, distributed, files, models
 from diffvit_jax.data import input_pipeline, sharding
 from diffvit_jax.errors import ConfigError, DivergenceError, Preempted
 from diffvit_jax.evaluation import per_example
@@ -102,11 +102,7 @@ def _flat_hparams(config) -> dict:
 
 
 def _write_run_info(workdir: str, info: dict) -> None:
-  path = os.path.join(workdir, RUN_INFO)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(info, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)  # Never a half-written file, even if killed here.
+  files.write_json(os.path.join(workdir, RUN_INFO), info)
 
 
 def _read_run_info(workdir: str) -> dict:
@@ -118,7 +114,7 @@ def _read_run_info(workdir: str) -> dict:
 
 
 @dataclasses.dataclass
-class Run:
+class RunSetup:
   """A run's trainer (model, attention path, state, steps) with its data and checkpoints."""
 
   trainer: trainer_lib.Trainer
@@ -127,7 +123,7 @@ class Run:
   recipe: optim.Recipe  # steps, warmup and peak learning rate at this batch and data set
 
 
-def setup(config, workdir: str, *, for_training: bool = True) -> Run:
+def setup(config, workdir: str, *, for_training: bool = True) -> RunSetup:
   """Everything a run needs before its first step (shared with `eval` mode)."""
   mesh = sharding.make_mesh()
   sharding.check_batch_split(config, mesh.size, mode="train" if for_training else "eval")
@@ -145,7 +141,7 @@ def setup(config, workdir: str, *, for_training: bool = True) -> Run:
   if trainer.memory_plan is not None:
     logging.info("Memory plan: %s.", trainer.memory_plan.describe())
   logging.info("CPU runtime: %s.", trainer.cpu_runtime)
-  return Run(trainer=trainer, info=info, ckpt=checkpointing.Checkpointer(workdir, config),
+  return RunSetup(trainer=trainer, info=info, ckpt=checkpointing.Checkpointer(workdir, config),
              recipe=recipe)
 
 
