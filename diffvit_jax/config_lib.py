@@ -51,7 +51,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   # Rematerialise each block in the backward pass (jax.checkpoint): less memory, ~1/3 more
   # compute, the same numbers. The memory plan (training/memory.py) says when it is needed.
   m.remat = False
-  # On the CPU backend, every Dense takes its weight gradient from a transposed x
+  # On the CPU backend, the trainer has every Dense take its weight gradient from a transposed x
   # (diffvit_jax/cpu_runtime.py): the same values, a faster backward there. Ignored elsewhere.
   m.cpu_dense_grad = True
   # Each attention kind's own fields (registry `config_fields`), e.g. diff_head_norm.

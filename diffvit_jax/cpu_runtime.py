@@ -6,7 +6,7 @@
   queued XLA:CPU execution holds its own temp buffer and slows the running one).
 - `dense_dot_general`: a Dense whose weight gradient dW = x^T dy comes from a transposed x,
   so XLA:CPU does not fuse dy's whole producer chain into a transpose of dy per layer.
-  Same values; `models.build_model` uses it on the CPU unless `model.cpu_dense_grad=False`.
+  Same values; the trainer gives it to the model on the CPU unless `model.cpu_dense_grad=False`.
 The measurements are in benchmarks/RESULTS.md ("Train step on the CPU"). Nothing is done
 where an accelerator backend is requested or installed; `DIFFVIT_CPU_DEFAULTS=0` skips it.
 """

@@ -61,7 +61,7 @@ def _uses_the_cpu_form(fn, *args) -> bool:
   return "custom_vjp" in str(jax.make_jaxpr(jax.grad(fn))(*args))
 
 
-def test_dense_layers_take_the_cpu_form_on_the_cpu_when_the_config_says(monkeypatch):
+def test_dense_layers_take_the_cpu_form_on_the_cpu_when_the_config_says():
   from diffvit_jax import config_lib
   from diffvit_jax.models import build_model
   from diffvit_jax.models.vit import MlpBlock
@@ -72,13 +72,14 @@ def test_dense_layers_take_the_cpu_form_on_the_cpu_when_the_config_says(monkeypa
     params = block.init(jax.random.PRNGKey(0), x)
     assert _uses_the_cpu_form(lambda p, b=block: b.apply(p, x).sum(), params) == expected
   config = config_lib.model_config(width=32, depth=1, num_heads=2, mlp_dim=64)
-  model = build_model(config, "einsum")
-  assert model.dot_general is cpu_runtime.dense_dot_general  # JAX's backend here is the CPU
+  assert build_model(config, "einsum").dot_general is None  # the model's layers are plain
+  model = build_model(config, "einsum").clone(
+      dot_general=cpu_runtime.model_dot_general(config, "cpu"))
+  assert model.dot_general is cpu_runtime.dense_dot_general
   assert cpu_runtime.describe(model)["dense_weight_gradient"] == "from transposed x"
   config.cpu_dense_grad = False
-  model = build_model(config, "einsum")
-  assert model.dot_general is None
-  assert cpu_runtime.describe(model)["dense_weight_gradient"] == "autodiff"
+  assert cpu_runtime.model_dot_general(config, "cpu") is None
+  assert cpu_runtime.describe(build_model(config, "einsum"))["dense_weight_gradient"] == "autodiff"
   assert cpu_runtime.model_dot_general(config_lib.model_config(), "gpu") is None
 
 

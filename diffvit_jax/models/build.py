@@ -1,8 +1,6 @@
 """`config.model` -> a `ViT`, after the one validation of the config schema."""
 
-import jax
-
-from diffvit_jax import config_lib, cpu_runtime
+from diffvit_jax import config_lib
 from diffvit_jax.errors import ConfigError
 from diffvit_jax.models import attention_impl, registry
 from diffvit_jax.models.vit import ViT
@@ -20,7 +18,8 @@ def build_model(model_config, attention: str | attention_impl.Resolved | None = 
 
   `attention`: a path resolved by `attention_impl.resolve` (the trainer's),
   a path name to use instead of the config's (e.g. 'einsum' to read attention
-  maps), or None to resolve the config's here.
+  maps), or None to resolve the config's here. The layers are plain flax ones
+  (`dot_general` None); the trainer gives them a backend's own form.
   """
   config_lib.validate_model(model_config)
   if attention is None:
@@ -30,12 +29,10 @@ def build_model(model_config, attention: str | attention_impl.Resolved | None = 
     if attention not in attention_impl.PATHS:
       raise ValueError(f"build_model needs a resolved attention path {attention_impl.PATHS}, "
                        f"not {attention!r}.")
-    fields["attention_impl"], backend = attention, jax.default_backend()
+    fields["attention_impl"] = attention
   else:
     fields.update(attention_impl=attention.impl, attention_chunk_mib=attention.chunk_mib)
-    backend = attention.backend
-  fields["dot_general"] = cpu_runtime.model_dot_general(model_config, backend)
-  del fields["cpu_dense_grad"]
+  del fields["cpu_dense_grad"]  # a backend measure: the trainer sets the Dense dot_general
   # Each kind's own fields are in every config; the ViT takes its arch's, for its module.
   own = {name: fields.pop(name) for name in registry.config_fields()}
   fields["arch_fields"] = {name: own[name] for name in registry.kind(model_config.arch)

@@ -46,7 +46,9 @@ def build(config, mesh: Mesh, total_steps: int, *, num_train_examples: int | Non
   `for_training=False` (evaluation only) skips both.
   """
   attention = attention_impl.resolve(config.model)
-  model = models.build_model(config.model, attention)
+  # The CPU's Dense weight-gradient form (model.cpu_dense_grad), from outside the model.
+  model = models.build_model(config.model, attention).clone(
+      dot_general=cpu_runtime.model_dot_general(config.model, attention.backend))
   tx = optim.create_optimizer(config.train, total_steps, num_train_examples=num_train_examples)
   replicated = NamedSharding(mesh, PartitionSpec())
   init = jax.jit(lambda rng: steps.create_train_state(rng, model, config.data.image_size, tx),
