@@ -99,7 +99,9 @@ def _define_flags() -> flags.FlagValues:
 # --- The run list ---------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class Run:
+class Job:
+  """One run of the sweep: its place in the run list, config and workdir."""
+
   index: int
   arch: str
   size: str
@@ -128,7 +130,7 @@ def _words(value: str, what: str) -> list[str]:
   return list(dict.fromkeys(words))
 
 
-def run_list(fv) -> list[Run]:
+def run_list(fv) -> list[Job]:
   """protocol x sizes x archs x seeds, by size, then seed, then arch.
 
   So a sweep stopped early holds whole sizes and complete (ViT, DiffViT) pairs of seeds, and
@@ -143,7 +145,7 @@ def run_list(fv) -> list[Run]:
     for seed in seeds:
       for arch in _words(fv.archs, "archs"):
         workdir = os.path.join(fv.root, fv.protocol, f"{arch}_{size}", f"seed{seed}")
-        runs.append(Run(len(runs), arch, size, seed, workdir,
+        runs.append(Job(len(runs), arch, size, seed, workdir,
                         f"{config_file()}:{arch}_{size},{fv.protocol}"))
   return runs
 
@@ -184,7 +186,7 @@ def build_config(config_arg: str, overrides: list[str]):
   return fv.config
 
 
-def build_configs(runs: list[Run], overrides: list[str], num_devices: int, *,
+def build_configs(runs: list[Job], overrides: list[str], num_devices: int, *,
                   need_data: bool = True) -> dict[int, object]:
   """Each run's config (built and validated here, so a typo is one error before any run).
 
@@ -323,7 +325,7 @@ def error_line(lines: list[str]) -> str:
   return next((line for line in reversed(lines) if _ERROR_LINE.match(line)), "")
 
 
-def _entry(run: Run, state: str, **fields) -> dict:
+def _entry(run: Job, state: str, **fields) -> dict:
   entry = dict(workdir=run.workdir, run=run.label, arch=run.arch, size=run.size, seed=run.seed,
                state=state, exit_code=None, reason="", log_tail=[], slot="", start=None,
                end=None, pid=None, host=socket.gethostname())
@@ -333,7 +335,7 @@ def _entry(run: Run, state: str, **fields) -> dict:
 
 # --- What each workdir holds ----------------------------------------------------------------
 
-def check_workdirs(runs: list[Run], configs: dict) -> dict[int, tuple[int, str]]:
+def check_workdirs(runs: list[Job], configs: dict) -> dict[int, tuple[int, str]]:
   """run index -> (reporting.runs.MATCHES | NOT_FINISHED | OTHER_CONFIG, why)."""
   from diffvit_jax.reporting import runs as runs_lib
 
@@ -405,7 +407,7 @@ def _alive(entry: dict) -> bool:
   return True
 
 
-def status_table(runs: list[Run], fv) -> str:
+def status_table(runs: list[Job], fv) -> str:
   """One line per run: state, step/total, last eval top-1, ETA, and why if not fine."""
   recorded = read_status(status_path(fv))
   rows = [("#", "run", "state", "step/total", "eval top-1", "ETA", "workdir / note")]
@@ -450,7 +452,7 @@ def _model_key(config) -> str:
   return json.dumps(flat, sort_keys=True)
 
 
-def plan_models(runs: list[Run], configs: dict, overrides: list[str], slot: Slot,
+def plan_models(runs: list[Job], configs: dict, overrides: list[str], slot: Slot,
                 python: str, need_data: bool) -> dict[int, dict]:
   """run index -> its model's plan (tools/sweep_plan.py in a process on `slot`'s devices)."""
   keys, spec = {}, {}
@@ -478,7 +480,7 @@ def plan_models(runs: list[Run], configs: dict, overrides: list[str], slot: Slot
   return {index: result[key] for index, key in keys.items()}
 
 
-def _predicted_slots(runs: list[Run], seconds: dict[int, float], n_slots: int):
+def _predicted_slots(runs: list[Job], seconds: dict[int, float], n_slots: int):
   """(run index -> slot number, sweep seconds): the queue simulated with the estimates."""
   free_at = [0.0] * n_slots
   where = {}
@@ -563,7 +565,7 @@ class _Stop:
         child.send_signal(signum)
 
 
-def _start(run: Run, slot: Slot, fv, overrides: list[str]):
+def _start(run: Job, slot: Slot, fv, overrides: list[str]):
   os.makedirs(run.workdir, exist_ok=True)
   log = open(os.path.join(run.workdir, LOG_FILE), "ab")  # noqa: SIM115 - closed in _finish
   command = run.command(fv.python, overrides)
@@ -576,7 +578,7 @@ def _start(run: Run, slot: Slot, fv, overrides: list[str]):
   return proc, log
 
 
-def queue(runs: list[Run], configs: dict, slot_list: list[Slot], fv, overrides: list[str],
+def queue(runs: list[Job], configs: dict, slot_list: list[Slot], fv, overrides: list[str],
           path: str) -> tuple[dict[int, dict], int | None]:
   """Trains `runs` over `slot_list`, one per slot.
 
@@ -587,7 +589,7 @@ def queue(runs: list[Run], configs: dict, slot_list: list[Slot], fv, overrides: 
   entries = {r.index: _entry(r, "queued") for r in runs}
   record(path, list(entries.values()))
   pending = collections.deque(runs)
-  running: dict[int, tuple[Run, subprocess.Popen, object]] = {}
+  running: dict[int, tuple[Job, subprocess.Popen, object]] = {}
   stop = _Stop()
   previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
@@ -675,7 +677,7 @@ def _common_flags(fv, overrides: list[str]) -> list[str]:
   return out + overrides
 
 
-def write_slurm(runs: list[Run], fv, overrides: list[str]) -> tuple[str, str]:
+def write_slurm(runs: list[Job], fv, overrides: list[str]) -> tuple[str, str]:
   """(array script, report script) in <root>/<protocol>/slurm/."""
   directory = os.path.abspath(os.path.join(fv.root, fv.protocol, "slurm"))
   os.makedirs(directory, exist_ok=True)
