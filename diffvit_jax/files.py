@@ -20,3 +20,13 @@ def write_json(path: str, data) -> None:
       json.dump(data, f, indent=2, sort_keys=True)
 
   write_atomically(path, dump)
+
+
+def write_text(path: str, text: str, *, suffix: str = ".tmp") -> None:
+  """`text` at `path`, atomically (`suffix`: of the temporary file beside it)."""
+
+  def dump(tmp: str) -> None:
+    with open(tmp, "w") as f:
+      f.write(text)
+
+  write_atomically(path, dump, suffix=suffix)

@@ -42,7 +42,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from diffvit_jax import config_lib  # noqa: E402
+from diffvit_jax import config_lib, files  # noqa: E402
 from diffvit_jax.errors import ConfigError, UserError  # noqa: E402
 from diffvit_jax.models import attention_impl, registry, stats  # noqa: E402
 from diffvit_jax.reporting import tables  # noqa: E402
@@ -218,9 +218,7 @@ class Check:
     texts = {"gpu_check.json": json.dumps(self.report, indent=1, default=str) + "\n",
              "gpu_check.md": markdown(self.report)}
     for name, text in texts.items():
-      temporary = self.out / f".{name}.tmp"
-      temporary.write_text(text)
-      os.replace(temporary, self.out / name)
+      files.write_text(str(self.out / name), text)
 
 
 LOGGED = ("step_ms", "images_per_sec", "mfu", "logits_rel_err", "param_grads_rel_err",

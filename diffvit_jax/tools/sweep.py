@@ -40,7 +40,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # --status reads TensorBoard
 
 from absl import flags  # noqa: E402
 
-from diffvit_jax import cli  # noqa: E402
+from diffvit_jax import cli, files  # noqa: E402
 from diffvit_jax.errors import ConfigError, UserError  # noqa: E402
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -300,10 +300,9 @@ def record(path: str, entries: list[dict]) -> None:
   with _locked(path):
     merged = read_status(path)
     merged.update({e["workdir"]: e for e in entries})
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-      json.dump({"runs": sorted(merged.values(), key=lambda e: e["workdir"])}, f, indent=2)
-    os.replace(tmp, path)
+    text = json.dumps({"runs": sorted(merged.values(), key=lambda e: e["workdir"])}, indent=2)
+    # Hosts of a SLURM array may share the file system: a temporary file per process.
+    files.write_text(path, text, suffix=f".{socket.gethostname()}.{os.getpid()}.tmp")
 
 
 def log_tail(workdir: str, lines: int = LOG_TAIL_LINES) -> list[str]:
