@@ -126,7 +126,7 @@ def time_train_step(config, timed_steps: int, repeats: int) -> dict:
   mfu = None if peak is None else gflops * 1e9 * images_per_sec / (peak * len(devices))
   return dict(arch=config.model.arch, dtype=config.model.dtype,
               attention=trainer.attention.impl, batch=config.train.batch_size,
-              precision=trainer.precision, memory_plan=trainer.memory_plan.as_dict(),
+              precision=trainer.precision.as_dict(), memory_plan=trainer.memory_plan.as_dict(),
               setup_s=setup_s, step_ms=1e3 * step_s, images_per_sec=images_per_sec,
               mfu=mfu, gflops_per_image=gflops)
 

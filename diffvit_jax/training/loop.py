@@ -20,7 +20,6 @@ from diffvit_jax import cpu_runtime, distributed, files, models
 from diffvit_jax.data import input_pipeline, sharding
 from diffvit_jax.errors import ConfigError, DivergenceError, Preempted
 from diffvit_jax.evaluation import per_example
-from diffvit_jax.models import precision
 from diffvit_jax.training import checkpointing, optim, steps
 from diffvit_jax.training import trainer as trainer_lib
 from diffvit_jax.training.optim import total_train_steps  # noqa: F401  (the loop's API)
@@ -137,7 +136,7 @@ def setup(config, workdir: str, *, for_training: bool = True) -> RunSetup:
                               for_training=for_training)
   logging.info("Attention: %s (config.model.attention_impl=%r; %s).", trainer.attention.impl,
                trainer.attention.requested, trainer.attention.reason)
-  logging.info("Precision: %s.", precision.policy(config.model).describe())
+  logging.info("Precision: %s.", trainer.precision.describe())
   if trainer.memory_plan is not None:
     logging.info("Memory plan: %s.", trainer.memory_plan.describe())
   logging.info("CPU runtime: %s.", trainer.cpu_runtime)
@@ -189,7 +188,7 @@ def _train_and_evaluate(config, workdir: str, guard: PreemptionGuard) -> dict:
       num_train=info.num_train, num_eval=info.num_eval,
       **run.recipe.as_dict(),
       attention=run.trainer.attention.as_dict(), cpu_runtime=run.trainer.cpu_runtime,
-      precision=run.trainer.precision, memory_plan=run.trainer.memory_plan.as_dict(),
+      precision=run.trainer.precision.as_dict(), memory_plan=run.trainer.memory_plan.as_dict(),
       config=json.loads(config.to_json_best_effort()))
   run_info.setdefault("train_seconds", 0.0)
   if is_chief:  # Now, not at the first save: the tools read the run's config from here.

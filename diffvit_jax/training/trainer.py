@@ -20,7 +20,7 @@ from diffvit_jax.training import memory, optim, steps
 class Trainer:
   mesh: Mesh
   attention: attention_impl.Resolved  # the attention path that runs (run_info 'attention')
-  precision: dict  # models/precision.py's policy of this model (run_info 'precision')
+  precision: precision.Policy  # models/precision.py's policy of this model (run_info 'precision')
   memory_plan: memory.MemoryPlan | None  # run_info 'memory_plan'; None when built for eval
   cpu_runtime: dict  # what of cpu_runtime applies to these steps (run_info 'cpu_runtime')
   model: models.ViT
@@ -68,7 +68,7 @@ def build(config, mesh: Mesh, total_steps: int, *, num_train_examples: int | Non
   if for_training:  # The compiled step the plan chose is the one that trains.
     plan, train_step = memory.plan(config, config.train.batch_size // mesh.size,
                                    mesh.devices.flat[0], compile_step)
-  return Trainer(mesh=mesh, attention=attention, precision=precision.policy(config.model).as_dict(),
+  return Trainer(mesh=mesh, attention=attention, precision=precision.policy(config.model),
                  memory_plan=plan, cpu_runtime=cpu_runtime.describe(model), model=model,
                  total_steps=total_steps, state=init(rng), train_step=train_step,
                  eval_step=eval_step)
