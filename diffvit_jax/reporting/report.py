@@ -11,7 +11,8 @@ from absl import flags
 
 from diffvit_jax.errors import DataError, UserError
 from diffvit_jax.models import registry
-from diffvit_jax.reporting import plots, tables, verdict
+from diffvit_jax.reporting import manifest as manifest_lib
+from diffvit_jax.reporting import plots, secondary, tables, verdict
 from diffvit_jax.reporting import runs as runs_lib
 
 
@@ -86,25 +87,75 @@ def _mean_robustness(results: list[dict]) -> dict:
           "corrupted": corrupted}
 
 
-def _verdict_intro(margin: float) -> str:
+def plan(workdirs: list[str], margin: float | None = None,
+         manifest_path: str = "") -> tables.Plan:
+  """The verdict's design: the study manifest's (given, or the one study.json two levels
+  above every workdir), with a margin given here marked post hoc unless it is the
+  manifest's; without a manifest, the family is the comparisons the runs hold."""
+  path = manifest_path or manifest_lib.find(workdirs)
+  design = manifest_lib.read(path) if path else None
+  if design is None:
+    return tables.Plan(margin=verdict.DEFAULT_EQUIVALENCE_MARGIN if margin is None else margin,
+                       margin_source="default" if margin is None else "post hoc")
+  if margin is None or abs(margin - design.margin) < 1e-12:
+    return tables.Plan(margin=design.margin, alpha=design.alpha, margin_source="manifest",
+                       design=design)
+  return tables.Plan(margin=margin, alpha=design.alpha, margin_source="post hoc",
+                     design=design)
+
+
+def _design_text(plan_: tables.Plan, rows: list[dict]) -> str:
+  """Where the family, margin and seeds come from, and what counts in Holm as p = 1."""
+  design = plan_.design
+  if design is None:
+    family = ("No study manifest (study.json) was found for these runs, so the family is "
+              "the comparisons of the sizes given, not a planned one, and every paired seed "
+              "counts.")
+  else:
+    family = (f"Design from the study manifest `{design.path}` (written {design.date}, before "
+              f"the first run): primary endpoint {design.endpoint}, alpha {design.alpha:g}, "
+              f"planned seeds {' '.join(map(str, design.seeds))}, family of "
+              f"{len(design.family)} comparison(s): "
+              + ", ".join(f"{p.model} vs {p.baseline}" for p in design.family)
+              + ". The verdict uses the planned seeds only; a seed beyond them gives an "
+              "exploratory reading below, never the verdict.")
+  margin = f"±{100 * plan_.margin:.2f} pp"
+  margin += {"manifest": " (fixed in the study manifest before the runs)",
+             "default": " (the code's default; no manifest fixed one)",
+             "post hoc": (" **post hoc**: given at report time (`--equivalence_margin`), not "
+                          "fixed before the runs; the planned one was "
+                          f"±{100 * design.margin:.2f} pp" if design else
+                          " **post hoc**: given at report time (`--equivalence_margin`), not "
+                          "fixed before the runs")}[plan_.margin_source]
+  as_one = [f"{r['size']} ({r['incomplete'] or r['reading'].split(';')[0]})" for r in rows
+            if r.get("role") == "primary" and r.get("holm_as_1") is True]
+  counted = ("\n\nCounted in Holm at p = 1 (planned, but no admissible comparison, fewer "
+             f"than {verdict.MIN_SEEDS} pairs, or incomplete): " + "; ".join(as_one) + "."
+             if as_one else "")
+  return f"{family} Equivalence margin {margin}.{counted}\n"
+
+
+def _verdict_intro(alpha: float) -> str:
   return (
       "The primary endpoint is the final validation top-1, the differential model minus the "
       "ViT paired by seed; its two-sided paired t-tests over the sizes of a protocol form one "
       "family, adjusted by Holm's method (a reading of better or worse needs Holm p < "
-      f"{verdict.ALPHA:g}), and the validation loss and every other number are secondary and "
+      f"{alpha:g}); the validation loss and every other number are secondary and "
       "descriptive.\n\n"
-      f"Differences in percentage points of top-1. Equivalence margin ±{100 * margin:.2f} pp "
-      "(`--equivalence_margin`): 'equivalent' when both one-sided tests of TOST reject at "
-      f"{verdict.ALPHA:g}. SD of differences: the sample SD of the per-seed differences; MDE: "
-      f"the difference the paired t-test detects with {100 * verdict.POWER:.0f}% power at "
-      f"{verdict.ALPHA:g} two-sided with these seeds, and seeds for the margin: the paired "
-      "seeds needed to detect the margin so, both from the noncentral t at the observed SD. "
-      "Two-level bootstrap: percentile interval of the mean per-image difference of top-1 "
-      f"correctness, resampling seeds and then images within each seed, "
-      f"{verdict.BOOTSTRAP_RESAMPLES} resamples, random seed {verdict.BOOTSTRAP_SEED}. With "
-      f"fewer than {verdict.MIN_SEEDS} paired seeds no difference is given; with no spread "
-      "across seeds there is no t-interval and no reading; a comparison that lost seeds (a "
-      "run left out below, or one without its pair) reads 'incomplete'.\n")
+      "Differences in percentage points of top-1. 'Equivalent' when both one-sided tests of "
+      f"TOST reject at {alpha:g}; TOST p is per comparison, not adjusted across sizes (each "
+      "size's equivalence is its own claim). SD of differences: the sample SD of the "
+      f"per-seed differences; MDE: the difference the paired t-test detects with "
+      f"{100 * verdict.POWER:.0f}% power at {alpha:g} two-sided with these seeds; seeds for "
+      "the margin: the paired seeds needed to detect the margin so, both from the noncentral "
+      "t at the observed SD, with the range the SD's 95% chi-square interval allows (an SD "
+      "from few seeds is itself uncertain). 95% CI (seeds × images): the interval of the mean "
+      "per-image difference of top-1 correctness with seeds crossed with the shared "
+      "validation images (two-way random effects, Satterthwaite df), so the noise of a finite "
+      f"validation set counts too. With fewer than {verdict.MIN_SEEDS} paired seeds no "
+      "difference is given; with no spread across seeds there is no t-interval and no "
+      "reading; a comparison that lost a planned seed (a run left out below, or one without "
+      "its pair) reads 'incomplete'.\n")
 
 
 def _left_out_markdown(excluded) -> str:
@@ -113,12 +164,14 @@ def _left_out_markdown(excluded) -> str:
   return tables.markdown_table(["workdir", "arch", "seed", "why it is left out"], rows)
 
 
-def write_report(workdirs: list[str], out_dir: str, *,
-                 margin: float = verdict.DEFAULT_EQUIVALENCE_MARGIN) -> dict[str, str]:
+def write_report(workdirs: list[str], out_dir: str, *, margin: float | None = None,
+                 manifest_path: str = "") -> dict[str, str]:
   """Writes every table and figure for `workdirs` into `out_dir`; returns name -> path.
 
   Only the runs `runs.admit` admits enter the tables and figures; the others
-  are listed with the reason. `margin`: the equivalence margin (top-1 fraction).
+  are listed with the reason. The design (family, margin, planned seeds) is
+  the study manifest's (`manifest_path`, else found beside the runs, see
+  `plan`); `margin` (top-1 fraction) given here is marked post hoc.
 
   Reads each run's TensorBoard events (written by CLU), run_info.json and,
   when `--mode eval_corrupted` was run, robustness.json; groups the seeds of each
@@ -151,7 +204,7 @@ def write_report(workdirs: list[str], out_dir: str, *,
   if not workdirs:
     raise DataError("No run directories given: pass the --workdir of one or more training "
                     "runs (each holds a run_info.json).")
-  if not 0 < margin < 1:
+  if margin is not None and not 0 < margin < 1:
     raise UserError(f"--equivalence_margin={100 * margin:g} pp: expected a margin in "
                     "percentage points of top-1 between 0 and 100, e.g. 1.0.")
   os.makedirs(out_dir, exist_ok=True)
@@ -164,7 +217,10 @@ def write_report(workdirs: list[str], out_dir: str, *,
 
   written = {}
   comparisons = tables.comparisons(groups, excluded)
-  verdict_rows = tables.verdict_rows(comparisons, margin=margin)
+  plan_ = plan(workdirs, margin, manifest_path)
+  verdict_rows = tables.verdict_rows(comparisons, plan_)
+  pooled_rows = secondary.pooled_rows(comparisons, plan_)
+  compute_rows = secondary.compute_rows(comparisons)
   seed_rows = tables.per_seed_rows(comparisons)
   group_rows = tables.group_rows(groups)
   diff_rows = tables.difference_rows(comparisons)
@@ -178,12 +234,39 @@ def write_report(workdirs: list[str], out_dir: str, *,
   if verdict_rows:
     tables.write_csv(verdict_rows, written.setdefault("verdict.csv", f"{out_dir}/verdict.csv"))
     tables.write_csv(seed_rows, written.setdefault("per_seed.csv", f"{out_dir}/per_seed.csv"))
+    tables.write_csv(pooled_rows, written.setdefault("secondary.csv",
+                                                     f"{out_dir}/secondary.csv"))
+    tables.write_csv(compute_rows, written.setdefault("compute.csv", f"{out_dir}/compute.csv"))
     sections += ["## Verdict: differential minus classic attention, parameter-matched\n",
-                 _verdict_intro(margin), tables.verdict_markdown(verdict_rows),
+                 _verdict_intro(plan_.alpha), _design_text(plan_, verdict_rows),
+                 tables.verdict_markdown(verdict_rows),
                  "\nPer seed: both models' final top-1 and, where both runs wrote "
                  "per_example.npz, the validation images only one of them got right and "
                  "McNemar's exact p (binomial test of the discordant images, two-sided).\n",
-                 tables.per_seed_markdown(seed_rows)]
+                 tables.per_seed_markdown(seed_rows),
+                 "\n### Secondary: pooled over sizes, probability of improvement, pairing\n",
+                 "Secondary and descriptive (no test is claimed, no multiplicity control), "
+                 "from the planned seeds. Pooled effect: the mean over the sizes of a family of "
+                 "their mean paired differences, each size weighted equally; fixed effects, "
+                 "because the sizes are the design, not a sample of sizes, and the effect may "
+                 "differ between them (the estimate is their average, not a common effect), "
+                 "with a Welch-Satterthwaite t-interval. Trend: the least-squares slope of the "
+                 "per-size differences against log10(parameters), same interval. P(model > "
+                 "ViT): the probability that a run of the model beats a run of the ViT, all "
+                 "pairs of runs of a size, averaged over sizes, with a percentile bootstrap "
+                 f"interval ({verdict.BOOTSTRAP_RESAMPLES} resamples of each architecture's runs "
+                 f"within each size, random seed {verdict.BOOTSTRAP_SEED}; with 3-5 runs a "
+                 "coarse interval).\n",
+                 secondary.pooled_markdown(pooled_rows),
+                 "\n### Secondary: compute beside accuracy\n",
+                 "Descriptive. Training PFLOPs: forward + backward matmul FLOPs per image "
+                 "(models/stats.py) x batch x steps; throughput and wall time as logged by the "
+                 "runs (mean over seeds). Top-1 at the other's wall time / FLOPs: each run's "
+                 "validation curve read (linearly between evaluations) at the step where its "
+                 "own wall time / FLOPs, taken as proportional to the step, equal the other "
+                 "architecture's whole run; '-' where that is beyond its end. A run cut short "
+                 "under a cosine schedule is not one trained for that budget.\n",
+                 secondary.compute_markdown(compute_rows)]
   else:
     sections += ["## Verdict\n",
                  "No verdict: these runs hold no parameter-matched pair of a differential and a "
@@ -262,20 +345,23 @@ def write_report(workdirs: list[str], out_dir: str, *,
 
 
 USAGE = ("python -m diffvit_jax.reporting.report RUN_DIR... [--out DIR] "
-         "[--equivalence_margin PP]")
+         "[--manifest STUDY_JSON] [--equivalence_margin PP]")
 
 
-def parse_flags(argv: list[str]) -> tuple[list[str], str, float]:
-  """(run dirs, output dir, equivalence margin as a fraction) from the command line.
+def parse_flags(argv: list[str]) -> tuple[list[str], str, float | None, str]:
+  """(run dirs, output dir, equivalence margin as a fraction or None, manifest path).
 
   A FlagValues of its own, parsed afresh per call: `main` can be called
   several times in one process (tests) without flags kept from an earlier call.
   """
   flag_values = flags.FlagValues()
   flags.DEFINE_string("out", "reports", "Output directory.", flag_values=flag_values)
-  flags.DEFINE_float("equivalence_margin", 100 * verdict.DEFAULT_EQUIVALENCE_MARGIN,
-                     "Equivalence margin of the verdict's TOST, in percentage points of top-1.",
+  flags.DEFINE_float("equivalence_margin", None,
+                     "Equivalence margin of the verdict's TOST, in percentage points of top-1; "
+                     "default: the study manifest's (else 1.0). Another one is marked post hoc.",
                      flag_values=flag_values)
+  flags.DEFINE_string("manifest", "", "The study's study.json (default: the one two levels "
+                      "above every run dir, if any).", flag_values=flag_values)
   flags.DEFINE_bool("help", False, "Show this help.", flag_values=flag_values)
   try:
     positional = flag_values([USAGE.split()[2], *argv])[1:]
@@ -285,13 +371,16 @@ def parse_flags(argv: list[str]) -> tuple[list[str], str, float]:
     print(f"Usage: {USAGE}\n\nPlots (PNG, SVG) and tables (Markdown, CSV) from training "
           f"workdirs.\n\n{flag_values.main_module_help() or flag_values}")
     raise SystemExit(0)
-  return positional, flag_values.out, flag_values.equivalence_margin / 100
+  margin = flag_values.equivalence_margin
+  return (positional, flag_values.out, None if margin is None else margin / 100,
+          flag_values.manifest)
 
 
 def main(argv=None) -> int:
   try:
-    workdirs, out, margin = parse_flags(sys.argv[1:] if argv is None else list(argv))
-    written = write_report(workdirs, out, margin=margin)
+    workdirs, out, margin, manifest_path = parse_flags(
+        sys.argv[1:] if argv is None else list(argv))
+    written = write_report(workdirs, out, margin=margin, manifest_path=manifest_path)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return e.exit_code

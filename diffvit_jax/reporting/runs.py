@@ -39,7 +39,9 @@ RESULT_NEUTRAL = (
     "data.manual_dir", "data.num_workers", "data.read_threads", "data.prefetch",
     "train.microbatches", "train.device_memory_gib", "train.log_every", "train.eval_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.profile",
-    "train.stop_check_every", "train.distributed", "train.eval_batch_size")
+    "train.stop_check_every", "train.distributed", "train.eval_batch_size",
+    # The analysis is the study's (reporting/manifest.py), not the run's.
+    "analysis.equivalence_margin", "analysis.alpha")
 # What differs between the runs of one comparison by design.
 PAIRED_FIELDS = ("model.arch", "train.seed")
 

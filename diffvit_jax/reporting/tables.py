@@ -11,6 +11,7 @@ protocol and size, run by run by seed. Only parameter-matched pairs (within
 shown apart, with their parameters and training FLOPs beside the accuracy.
 """
 
+import collections
 import csv
 import dataclasses
 import math
@@ -18,6 +19,7 @@ import math
 import numpy as np
 
 from diffvit_jax.models import registry
+from diffvit_jax.reporting import manifest as manifest_lib
 from diffvit_jax.reporting import runs as runs_lib
 from diffvit_jax.reporting import verdict
 
@@ -30,7 +32,7 @@ DIFF_METRICS = ("final_top1", "final_top5", "final_loss", "best_top1")
 VERDICT_METRICS = (("final_top1", True), ("final_loss", False))
 PRIMARY_METRIC = VERDICT_METRICS[0][0]
 # Largest relative parameter gap of a pair that is still compared as matched.
-MATCH_TOLERANCE = 0.005
+MATCH_TOLERANCE = manifest_lib.MATCH_TOLERANCE
 
 
 def _mean_std(values) -> tuple[float, float]:
@@ -71,29 +73,59 @@ class Comparison:
   def paired_seeds(self) -> list[int]:
     return sorted(set(self.baseline.seeds) & set(self.model.seeds))
 
-  def differences(self, metric: str) -> list[float]:
-    """Model minus baseline per paired seed (the first run of a seed that has several)."""
+  def seeds(self, planned=None) -> list[int]:
+    """The paired seeds, only those in `planned` when given."""
+    return [s for s in self.paired_seeds if planned is None or s in planned]
+
+  def differences(self, metric: str, seeds=None) -> list[float]:
+    """Model minus baseline per paired seed (or per seed of `seeds`, which must be paired)."""
     base, mine = _by_seed(self.baseline, metric), _by_seed(self.model, metric)
-    return [mine[s] - base[s] for s in self.paired_seeds]
+    return [mine[s] - base[s] for s in (self.paired_seeds if seeds is None else seeds)]
 
   def interval(self, metric: str) -> verdict.PairedInterval:
     return verdict.paired_interval(self.differences(metric))
 
-  def per_image(self) -> tuple[dict[int, tuple], str]:
-    """({seed: (baseline top-1 correct, model top-1 correct)}, why seeds lack them or '')."""
+  def per_image(self, seeds=None) -> tuple[dict[int, tuple], str]:
+    """({seed: (baseline top-1 correct, model top-1 correct)}, why seeds lack them or '').
+
+    Only files of the final evaluation count: their step is the run's last
+    and their mean top-1 its final top-1; any other is left out, with why.
+    """
     base = {r.seed: r for r in self.baseline.runs}
     mine = {r.seed: r for r in self.model.runs}
     pairs, missing = {}, []
-    for seed in self.paired_seeds:
+    for seed in self.paired_seeds if seeds is None else seeds:
       a, b = base[seed].per_example, mine[seed].per_example
+      stale = [f"{run.arch}: {why}" for run in (base[seed], mine[seed])
+               if (why := _not_final(run))]
       if a is None or b is None:
         missing.append(f"seed {seed}: no per_example.npz")
+      elif stale:
+        missing.append(f"seed {seed}: {'; '.join(stale)}")
       elif not (np.array_equal(a["index"], b["index"])
                 and np.array_equal(a["label"], b["label"])):
         missing.append(f"seed {seed}: the two runs were evaluated on other images")
       else:
         pairs[seed] = (a["top1"], b["top1"])
     return pairs, "; ".join(missing)
+
+
+def _not_final(run: runs_lib.Run) -> str:
+  """Why `run`'s per_example.npz is not its final evaluation ('' when it is)."""
+  arrays = run.per_example
+  if arrays is None:
+    return "no per_example.npz"
+  final_step = run.info.get("eval_step", run.info.get("total_steps"))
+  if "step" in arrays and final_step is not None and int(arrays["step"]) != int(final_step):
+    return (f"per_example.npz is of step {int(arrays['step'])}, not the final evaluation's "
+            f"{final_step}")
+  top1 = float(np.mean(arrays["top1"])) if len(arrays["top1"]) else math.nan
+  final = run.summary()["final_top1"]
+  # The logged final top-1 is a float32 mean over the same images.
+  if not abs(top1 - final) <= 1e-5:
+    return (f"per_example.npz's top-1 {100 * top1:.4f}% is not the final evaluation's "
+            f"{100 * final:.4f}%")
+  return ""
 
 
 def _lost_seeds(baseline, model, excluded) -> dict[int, str]:
@@ -154,12 +186,12 @@ def group_rows(groups: list[runs_lib.Group]) -> list[dict]:
   return rows
 
 
-def _comparison_row(comparison: Comparison) -> dict:
+def _comparison_row(comparison: Comparison, seeds=None) -> dict:
   base, model = comparison.baseline, comparison.model
+  seeds = comparison.paired_seeds if seeds is None else seeds
   return dict(protocol=model.protocol, size=model.size, arch=model.arch, baseline=base.arch,
               seeds=len(model.runs), baseline_seeds=len(base.runs),
-              paired_seeds=" ".join(map(str, comparison.paired_seeds)),
-              n_paired=len(comparison.paired_seeds))
+              paired_seeds=" ".join(map(str, seeds)), n_paired=len(seeds))
 
 
 def _interval_cells(interval: verdict.PairedInterval, prefix: str) -> dict:
@@ -167,9 +199,10 @@ def _interval_cells(interval: verdict.PairedInterval, prefix: str) -> dict:
           f"{prefix}_ci_low": interval.low, f"{prefix}_ci_high": interval.high}
 
 
-def _per_seed_values(comparison: Comparison, metric: str) -> tuple[list[float], list[float]]:
+def _per_seed_values(comparison: Comparison, metric: str,
+                     seeds=None) -> tuple[list[float], list[float]]:
   base, mine = _by_seed(comparison.baseline, metric), _by_seed(comparison.model, metric)
-  seeds = comparison.paired_seeds
+  seeds = comparison.paired_seeds if seeds is None else seeds
   return [base[s] for s in seeds], [mine[s] for s in seeds]
 
 
@@ -182,68 +215,170 @@ def _nan_unless_tested(row: dict, state: str, interval: verdict.PairedInterval) 
              ci_high=interval.high if state == "ok" else math.nan)
 
 
-def verdict_rows(comparisons_: list[Comparison], *,
-                 margin: float = verdict.DEFAULT_EQUIVALENCE_MARGIN,
-                 resamples: int = verdict.BOOTSTRAP_RESAMPLES,
-                 bootstrap_seed: int = verdict.BOOTSTRAP_SEED) -> list[dict]:
-  """Per matched pair: the primary endpoint (final top-1) row, then the secondary rows.
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The verdict's design: a study manifest's, or (without one) the comparisons given.
 
-  Primary: paired t-test, Holm-adjusted over the sizes of its protocol (one
-  family per protocol and differential arch), TOST against `margin`, the SD
-  of the differences, the MDE and the seeds needed for `margin`, the
-  two-level bootstrap interval, per-seed values. Secondary (validation loss):
-  descriptive. A comparison that lost seeds reads "incomplete".
+  `margin_source`: 'manifest' (fixed before the runs), 'post hoc' (given only
+  at report time), or 'default' (the code's, no manifest).
   """
+
+  margin: float = verdict.DEFAULT_EQUIVALENCE_MARGIN
+  alpha: float = verdict.ALPHA
+  margin_source: str = "default"
+  design: manifest_lib.Design | None = None
+
+  @property
+  def seeds(self) -> set[int] | None:
+    return set(self.design.seeds) if self.design else None
+
+
+def _family_members(matched: list[Comparison], plan: Plan):
+  """([(planned entry or None, its comparison or None)], comparisons outside the family)."""
+  if plan.design is None:
+    return [(None, c) for c in matched], []
+  by_names = {(c.model.protocol, c.baseline.name, c.model.name): c for c in matched}
+  members = [(p, by_names.pop((p.protocol, p.baseline, p.model), None))
+             for p in plan.design.family]
+  return members, list(by_names.values())
+
+
+def _planned_lost(comparison: Comparison, planned) -> dict[int, str]:
+  """Why each planned seed is not paired (all lost seeds without a plan)."""
+  if planned is None:
+    return dict(comparison.lost)
+  lost = {s: why for s, why in comparison.lost.items() if s in planned}
+  for seed in sorted(set(planned) - set(comparison.paired_seeds) - set(lost)):
+    lost[seed] = f"seed {seed}: planned, no run of either architecture"
+  return lost
+
+
+def _missing_row(planned: manifest_lib.Planned, plan: Plan) -> dict:
+  return dict(protocol=planned.protocol, size=planned.size, arch=planned.model_arch,
+              baseline=planned.baseline_arch, seeds=0, baseline_seeds=0, paired_seeds="",
+              n_paired=0, role="primary", metric=PRIMARY_METRIC, confidence=verdict.CONFIDENCE,
+              interval="paired t (two-sided)", mean=math.nan, std=math.nan, ci_low=math.nan,
+              ci_high=math.nan, p=math.nan, margin=plan.margin, margin_source=plan.margin_source,
+              alpha=plan.alpha, tost_p=math.nan, mde=math.nan, seeds_needed=math.nan,
+              seeds_needed_low=math.nan, seeds_needed_high=math.nan, crossed_low=math.nan,
+              crossed_high=math.nan, significant=False, equivalent=False, baseline_values="",
+              model_values="", per_image_missing="", holm_as_1=True,
+              incomplete="no admissible comparison",
+              reading=(f"planned, no admissible comparison: no finished, admitted pair of "
+                       f"{registry.label(planned.model_arch)} and "
+                       f"{registry.label(planned.baseline_arch)} runs (see the runs left "
+                       "out); counted in Holm at p = 1"))
+
+
+def _crossed(comparison: Comparison, seeds, state: str) -> tuple[float, float, str]:
+  pairs, missing = comparison.per_image(seeds)
+  if not (pairs and not missing and state in ("ok", "no_spread")):
+    return math.nan, math.nan, missing
+  d = np.stack([np.asarray(b, np.int8) - np.asarray(a, np.int8) for a, b in pairs.values()])
+  _, low, high, _ = verdict.crossed_interval(d)
+  return float(low), float(high), missing
+
+
+def _exploratory_row(comparison: Comparison, why: str) -> dict:
+  differences = comparison.differences(PRIMARY_METRIC)
+  state = verdict.status(differences)
+  base_values, model_values = _per_seed_values(comparison, PRIMARY_METRIC)
+  row = _comparison_row(comparison)
+  row.update(role="exploratory", metric=PRIMARY_METRIC, confidence=verdict.CONFIDENCE,
+             interval="paired t (two-sided)", p=verdict.paired_t_p(differences),
+             baseline_values=" ".join(f"{v:.6g}" for v in base_values),
+             model_values=" ".join(f"{v:.6g}" for v in model_values),
+             reading=f"exploratory ({why}): {verdict.secondary_reading(differences)}")
+  _nan_unless_tested(row, state, verdict.paired_interval(differences))
+  return row
+
+
+def verdict_rows(comparisons_: list[Comparison], plan: Plan | None = None) -> list[dict]:
+  """Per planned comparison: the primary endpoint (final top-1) row, then the secondary rows.
+
+  Primary, over the planned seeds: paired t-test, Holm-adjusted over the
+  family (the manifest's comparisons of a protocol and differential arch, or
+  without one those given), TOST against the margin, the SD of the
+  differences, the MDE and the seeds needed for the margin (with the range its
+  SD's 95% interval allows), the seeds x images interval, per-seed values. A
+  planned comparison with no admissible runs, an incomplete one, or one the
+  test does not apply to (fewer than 3 pairs) counts in Holm as p = 1.
+  Secondary (validation loss): descriptive. Exploratory: all paired seeds
+  where there are seeds beyond the plan, and comparisons outside the family.
+  """
+  plan = plan or Plan()
   matched = [c for c in comparisons_ if c.matched]
-  primaries = [verdict.primary(c.differences(PRIMARY_METRIC), margin) for c in matched]
+  members, unplanned = _family_members(matched, plan)
+  planned_seeds = plan.seeds
+  results = []
+  for _, comparison in members:
+    if comparison is None:
+      results.append(None)
+      continue
+    seeds = comparison.seeds(planned_seeds)
+    results.append(verdict.primary(comparison.differences(PRIMARY_METRIC, seeds), plan.margin,
+                                   plan.alpha))
   families: dict[tuple, list[int]] = {}
-  for i, c in enumerate(matched):
-    families.setdefault((c.model.protocol, c.model.arch), []).append(i)
-  for members in families.values():
-    # An incomplete or untestable comparison stays in its family, as p = 1 (conservative).
-    adjusted = verdict.holm([math.nan if matched[i].lost else primaries[i].p for i in members])
-    for i, p_holm in zip(members, adjusted, strict=True):
-      primaries[i].p_holm = p_holm
+  for i, (planned, comparison) in enumerate(members):
+    key = ((planned.protocol, planned.model_arch) if planned
+           else (comparison.model.protocol, comparison.model.arch))
+    families.setdefault(key, []).append(i)
+  as_one = [result is None or bool(_planned_lost(comparison, planned_seeds))
+            or math.isnan(result.p_for_family)
+            for (_, comparison), result in zip(members, results, strict=True)]
+  for indices in families.values():
+    adjusted = verdict.holm([math.nan if as_one[i] else results[i].p for i in indices])
+    for i, p_holm in zip(indices, adjusted, strict=True):
+      if results[i] is not None:
+        results[i].p_holm = p_holm
   rows = []
-  for comparison, result in zip(matched, primaries, strict=True):
+  for i, ((planned, comparison), result) in enumerate(zip(members, results, strict=True)):
+    family = len(next(f for f in families.values() if i in f))
+    if comparison is None:
+      rows.append(dict(_missing_row(planned, plan), holm_family=family, p_holm=math.nan))
+      continue
+    seeds = comparison.seeds(planned_seeds)
+    lost = _planned_lost(comparison, planned_seeds)
     label = comparison.model.label
-    base_values, model_values = _per_seed_values(comparison, PRIMARY_METRIC)
-    pairs, missing = comparison.per_image()
-    if pairs and not missing and result.status in ("ok", "no_spread"):
-      boot = verdict.two_level_bootstrap(list(pairs.values()), resamples=resamples,
-                                         seed=bootstrap_seed)
-    else:
-      boot = (math.nan, math.nan)
-    row = _comparison_row(comparison)
+    base_values, model_values = _per_seed_values(comparison, PRIMARY_METRIC, seeds)
+    crossed_low, crossed_high, missing = _crossed(comparison, seeds, result.status)
+    row = _comparison_row(comparison, seeds)
     row.update(role="primary", metric=PRIMARY_METRIC, confidence=verdict.CONFIDENCE,
                interval="paired t (two-sided)")
     _nan_unless_tested(row, result.status, result.interval)
     reading = verdict.primary_reading(result, label)
-    if comparison.lost:
-      reading = (f"incomplete: {'; '.join(comparison.lost[s] for s in sorted(comparison.lost))}"
-                 f" ({len(comparison.paired_seeds)} paired seeds remain)")
+    if lost:
+      reading = (f"incomplete: {'; '.join(lost[s] for s in sorted(lost))}"
+                 f" ({len(seeds)} paired seeds remain)")
+    if as_one[i]:
+      reading += "; counted in Holm at p = 1"
     row.update(
-        p=result.p, p_holm=result.p_holm, holm_family=len(families[(comparison.model.protocol,
-                                                                    comparison.model.arch)]),
-        significant=result.significant and not comparison.lost, margin=margin,
-        tost_p=result.tost_p, equivalent=result.equivalent and not comparison.lost,
-        mde=result.mde, seeds_needed=result.seeds_needed, power=verdict.POWER,
-        bootstrap_low=boot[0], bootstrap_high=boot[1], bootstrap_resamples=resamples,
-        bootstrap_seed=bootstrap_seed, per_image_missing=missing,
+        p=result.p, p_holm=result.p_holm, holm_family=family, holm_as_1=as_one[i],
+        significant=result.significant and not lost, margin=plan.margin,
+        margin_source=plan.margin_source, alpha=plan.alpha, tost_p=result.tost_p,
+        equivalent=result.equivalent and not lost, mde=result.mde,
+        seeds_needed=result.seeds_needed, seeds_needed_low=result.seeds_needed_low,
+        seeds_needed_high=result.seeds_needed_high, power=verdict.POWER,
+        crossed_low=crossed_low, crossed_high=crossed_high, per_image_missing=missing,
         baseline_values=" ".join(f"{v:.6g}" for v in base_values),
         model_values=" ".join(f"{v:.6g}" for v in model_values),
-        incomplete="; ".join(comparison.lost[s] for s in sorted(comparison.lost)),
-        reading=reading)
+        incomplete="; ".join(lost[s] for s in sorted(lost)), reading=reading)
     rows.append(row)
     for metric, _ in VERDICT_METRICS[1:]:
-      differences = comparison.differences(metric)
+      differences = comparison.differences(metric, seeds)
       state = verdict.status(differences)
-      row = _comparison_row(comparison)
+      row = _comparison_row(comparison, seeds)
       row.update(role="secondary", metric=metric, confidence=verdict.CONFIDENCE,
                  interval="paired t (two-sided)",
                  reading=verdict.secondary_reading(differences))
       _nan_unless_tested(row, state, verdict.paired_interval(differences))
       rows.append(row)
+    extra = [s for s in comparison.paired_seeds if planned_seeds is not None
+             and s not in planned_seeds]
+    if extra:
+      rows.append(_exploratory_row(comparison, "all paired seeds; seeds "
+                                   f"{' '.join(map(str, extra))} are beyond the plan"))
+  rows += [_exploratory_row(c, "not in the study's family") for c in unplanned]
   return rows
 
 
@@ -309,15 +444,30 @@ def unmatched_rows(comparisons_: list[Comparison]) -> list[dict]:
   return rows
 
 
+def _cells(result: dict) -> frozenset:
+  """The (corruption, severity) cells a robustness.json holds."""
+  return frozenset((c, sev) for c, by_sev in result["corrupted"].items() for sev in by_sev)
+
+
 def robustness_rows(groups: list[runs_lib.Group]) -> list[dict]:
-  """Per config with `robustness.json` in every seed: clean top-1, mean corruption error, mCE."""
+  """Per config: clean top-1, mean corruption error, mCE, from final-step evaluations only.
+
+  Seeds whose robustness.json is missing, not at the final step, or of
+  another corruption set than the config's other seeds (the most common set
+  is kept) are left out and named; `coverage` says whether the set is full.
+  """
   rows = []
   for group in groups:
-    results = [r.robustness for r in group.runs]
-    if any(r is None for r in results):
+    usable = [r for r in group.runs if not _robustness_reason(r)]
+    if not usable:
       continue
+    sets = collections.Counter(_cells(r.robustness) for r in usable)
+    cells = max(sets, key=sets.get)
+    left_out = [f"seed {r.seed} ({_robustness_reason(r) or 'another corruption set'})"
+                for r in group.runs if r not in usable or _cells(r.robustness) != cells]
+    results = [r.robustness for r in usable if _cells(r.robustness) == cells]
     row = dict(protocol=group.protocol, size=group.size, arch=group.arch, name=group.name,
-               n_seeds=len(results))
+               n_seeds=len(results), left_out="; ".join(left_out))
     row["clean_top1_mean"], row["clean_top1_std"] = _mean_std(
         [r["clean"]["top1"] for r in results])
     row["mean_corruption_error_mean"], row["mean_corruption_error_std"] = _mean_std(
@@ -325,6 +475,7 @@ def robustness_rows(groups: list[runs_lib.Group]) -> list[dict]:
     # Results older than the coverage field did not check it: not known to be full.
     row["coverage"] = ("full" if all(r.get("coverage", {}).get("status") == "full"
                                      for r in results) else "partial")
+    row["cells"] = len(cells)
     relative = [r.get("relative") for r in results]
     if all(relative):
       row["mce_mean"], row["mce_std"] = _mean_std([r["mce"] for r in relative])
@@ -366,7 +517,7 @@ def robustness_paired_rows(comparisons_: list[Comparison]) -> list[dict]:
     mine = {r.seed: r for r in comparison.model.runs}
     if not any(r.robustness for r in comparison.model.runs):
       continue  # No corrupted evaluation of the differential model: nothing to pair.
-    seeds, left_out = [], []
+    seeds, left_out, cells = [], [], None
     key = dict(protocol=comparison.model.protocol, size=comparison.model.size,
                arch=comparison.model.arch, baseline=comparison.baseline.arch,
                baseline_name=comparison.baseline.name)
@@ -374,6 +525,10 @@ def robustness_paired_rows(comparisons_: list[Comparison]) -> list[dict]:
       reason = "; ".join(f"{label}: {why}" for label, why in (
           (comparison.baseline.label, _robustness_reason(base[seed])),
           (comparison.model.label, _robustness_reason(mine[seed]))) if why)
+      if not reason and _cells(mine[seed].robustness) != _cells(base[seed].robustness):
+        reason = "the two runs were evaluated on other corruption cells"
+      if not reason and cells is not None and _cells(mine[seed].robustness) != cells:
+        reason = "another corruption set than the comparison's first seed"
       if not reason:
         try:
           paired = robustness.paired_with_baseline(mine[seed].robustness, base[seed].robustness)
@@ -382,6 +537,7 @@ def robustness_paired_rows(comparisons_: list[Comparison]) -> list[dict]:
       if reason:
         left_out.append(f"seed {seed} ({reason})")
         continue
+      cells = _cells(mine[seed].robustness)
       seeds.append(seed)
       rows.append(dict(key, kind="seed", seed=seed, mce=paired["mce"],
                        relative_mce=paired["relative_mce"],
@@ -393,7 +549,10 @@ def robustness_paired_rows(comparisons_: list[Comparison]) -> list[dict]:
                  and (r["protocol"], r["size"]) == (key["protocol"], key["size"])]
     mce = verdict.paired_interval([r["mce"] - 1 for r in mine_rows])
     error = verdict.paired_interval([r["mean_corruption_error_difference"] for r in mine_rows])
+    coverages = {r["coverage"] for r in mine_rows}
     rows.append(dict(key, kind="summary", seeds=" ".join(map(str, seeds)), n_paired=len(seeds),
+                     coverage=coverages.pop() if len(coverages) == 1 else "",
+                     cells=len(cells or ()),
                      mce_minus_1_mean=mce.mean, mce_minus_1_ci_low=mce.low,
                      mce_minus_1_ci_high=mce.high, error_difference_mean=error.mean,
                      error_difference_ci_low=error.low, error_difference_ci_high=error.high,
@@ -404,14 +563,14 @@ def robustness_paired_rows(comparisons_: list[Comparison]) -> list[dict]:
 
 def robustness_paired_markdown(rows: list[dict]) -> str:
   header = ["protocol", "size", "comparison", "seed", "mCE % (baseline: ViT of the seed)",
-            "relative mCE %", "mean corruption error difference"]
+            "relative mCE %", "mean corruption error difference", "coverage"]
   body = []
   for r in rows:
     comparison = f"{registry.label(r['arch'])} vs {r['baseline_name']}"
     if r["kind"] == "seed":
       body.append([r["protocol"], r["size"], comparison, str(r["seed"]), _pct(r["mce"]),
                    _pct(r["relative_mce"]),
-                   _signed(r["mean_corruption_error_difference"], "top1")])
+                   _signed(r["mean_corruption_error_difference"], "top1"), r["coverage"]])
     else:
       mce = _interval(r["mce_minus_1_mean"], r["mce_minus_1_ci_low"], r["mce_minus_1_ci_high"],
                       "top1")
@@ -419,8 +578,9 @@ def robustness_paired_markdown(rows: list[dict]) -> str:
                         r["error_difference_ci_high"], "top1")
       seeds = f"all {r['n_paired']}" + (f"; left out: {r['left_out']}" if r["left_out"] else "")
       body.append([r["protocol"], r["size"], comparison, seeds,
-                   f"mCE − 100%: {mce} ({r['reading']})", "", error])
-  return markdown_table(header, body, "llllrrr")
+                   f"mCE − 100%: {mce} ({r['reading']})", "", error,
+                   f"{r['coverage'] or 'mixed'}, {r['cells']} cells"])
+  return markdown_table(header, body, "llllrrrl")
 
 
 def write_csv(rows: list[dict], path: str) -> None:
@@ -517,38 +677,55 @@ def _seeds_needed(value: float) -> str:
 
 
 def _per_seed_cell(row: dict) -> str:
-  seeds = row["paired_seeds"].split()
+  seeds = str(row["paired_seeds"]).split()
   base = [float(v) for v in row["baseline_values"].split()]
   mine = [float(v) for v in row["model_values"].split()]
   return "; ".join(f"{s}: {100 * b:.2f} → {100 * m:.2f}"
                    for s, b, m in zip(seeds, base, mine, strict=True))
 
 
+# The primary table's columns (the README's study table is pasted from it: a test checks).
+VERDICT_HEADER = ("protocol", "size", "comparison", "paired seeds",
+                  "top-1 % per seed (seed: ViT → model)", "mean difference", "95% CI (paired t)",
+                  "95% CI (seeds × images)", "p (t)", "Holm p", "TOST p (± margin, unadjusted)",
+                  "SD of differences", "MDE (80% power)", "seeds for the margin [95% range]",
+                  "reading")
+
+
+def _seeds_range(row: dict) -> str:
+  text = _seeds_needed(row["seeds_needed"])
+  if math.isnan(row.get("seeds_needed_low", math.nan)):
+    return text
+  return (f"{text} [{_seeds_needed(row['seeds_needed_low'])}, "
+          f"{_seeds_needed(row['seeds_needed_high'])}]")
+
+
+def _holm_cell(row: dict) -> str:
+  if row.get("holm_as_1") in (True, "True") and math.isnan(row["p_holm"]):
+    return f"p = 1 counted (of {row['holm_family']})"
+  return f"{_p(row['p_holm'])} (of {row['holm_family']})"
+
+
 def verdict_markdown(rows: list[dict]) -> str:
-  """The primary endpoint's table, then the secondary (descriptive) metrics' table."""
+  """The primary endpoint's table, the secondary (descriptive) and the exploratory ones."""
   primary = [r for r in rows if r.get("role", "primary") == "primary"]
   secondary = [r for r in rows if r.get("role") == "secondary"]
-  header = ["protocol", "size", "comparison", "paired seeds",
-            "top-1 % per seed (seed: ViT → model)", "mean difference", "95% CI (paired t)",
-            "95% CI (two-level bootstrap)", "p (t)",
-            "Holm p", "TOST p (± margin)", "SD of differences", "MDE (80% power)",
-            "seeds for the margin", "reading"]
+  exploratory = [r for r in rows if r.get("role") == "exploratory"]
   body = []
   for r in primary:
     metric = r["metric"]
     body.append([r["protocol"], r["size"],
                  f"{registry.label(r['arch'])} − {registry.label(r['baseline'])}",
-                 str(r["n_paired"]), _per_seed_cell(r), _signed(r["mean"], metric),
+                 str(r["n_paired"]), _per_seed_cell(r) or "-", _signed(r["mean"], metric),
                  _bounds(r["ci_low"], r["ci_high"], metric),
-                 _bounds(r["bootstrap_low"], r["bootstrap_high"], metric), _p(r["p"]),
-                 f"{_p(r['p_holm'])} (of {r['holm_family']})",
-                 f"{_p(r['tost_p'])} (± {100 * r['margin']:.2f} pp)",
-                 _size(r["std"], metric), _size(r["mde"], metric),
-                 _seeds_needed(r["seeds_needed"]), r["reading"]])
-  text = markdown_table(header, body, "llllrrrrrrrrrrl")
+                 _bounds(r["crossed_low"], r["crossed_high"], metric), _p(r["p"]),
+                 _holm_cell(r), f"{_p(r['tost_p'])} (± {100 * r['margin']:.2f} pp)",
+                 _size(r["std"], metric), _size(r["mde"], metric), _seeds_range(r),
+                 r["reading"]])
+  text = markdown_table(list(VERDICT_HEADER), body, "llllrrrrrrrrrrl")
+  header = ["protocol", "size", "comparison", "metric", "mean difference",
+            "95% CI (paired t)", "paired seeds", "reading"]
   if secondary:
-    header = ["protocol", "size", "comparison", "metric", "mean difference",
-              "95% CI (paired t)", "paired seeds", "reading"]
     body = [[r["protocol"], r["size"],
              f"{registry.label(r['arch'])} − {registry.label(r['baseline'])}",
              _METRIC_NAMES[r["metric"]], _signed(r["mean"], r["metric"]),
@@ -556,6 +733,15 @@ def verdict_markdown(rows: list[dict]) -> str:
             for r in secondary]
     text += ("\n\nSecondary metrics, descriptive only (no test is claimed, no multiplicity "
              "control):\n\n" + markdown_table(header, body, "llllrrrl"))
+  if exploratory:
+    body = [[r["protocol"], r["size"],
+             f"{registry.label(r['arch'])} − {registry.label(r['baseline'])}",
+             _METRIC_NAMES[r["metric"]], _signed(r["mean"], r["metric"]),
+             _bounds(r["ci_low"], r["ci_high"], r["metric"]), r["paired_seeds"], r["reading"]]
+            for r in exploratory]
+    text += ("\n\nExploratory, not the verdict (seeds beyond the planned ones, or comparisons "
+             "outside the study's family; no test is claimed):\n\n"
+             + markdown_table(header, body, "llllrrrl"))
   return text
 
 
@@ -648,7 +834,7 @@ def runs_markdown(rows: list[dict]) -> str:
 
 def robustness_markdown(rows: list[dict]) -> str:
   header = ["arch", "size", "protocol", "seeds", "clean top-1 %",
-            "mean corruption error %", "mCE % (baseline)"]
+            "mean corruption error %", "mCE % (baseline)", "coverage", "left out"]
   body = []
   for r in rows:
     mce = _pct(r["mce_mean"], r["mce_std"])
@@ -657,8 +843,9 @@ def robustness_markdown(rows: list[dict]) -> str:
     body.append([registry.label(r["arch"]), r["size"], r["protocol"],
                  str(r["n_seeds"]), _pct(r["clean_top1_mean"], r["clean_top1_std"]),
                  _pct(r["mean_corruption_error_mean"], r["mean_corruption_error_std"]),
-                 f"{mce} ({r['mce_baseline']})" if r["mce_baseline"] else mce])
-  table = markdown_table(header, body, "lllrrrr")
+                 f"{mce} ({r['mce_baseline']})" if r["mce_baseline"] else mce,
+                 f"{r['coverage']}, {r['cells']} cells", r.get("left_out") or "-"])
+  table = markdown_table(header, body, "lllrrrrll")
   names = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("top1/")})
   if not names:
     return table
