@@ -159,6 +159,11 @@ gpu_check() {
 study() {  # study [seeds]: paired seeds of ViT and DiffViT, so the report can draw a verdict
   setup
   local seeds="${1:-0 1 2 3 4}" root=runs/study start=$SECONDS workdirs=()
+  # The study's design (family, margin, planned seeds) in $root/study.json before any run
+  # trains; kept on a rerun, and a rerun with another design is refused.
+  # shellcheck disable=SC2086
+  JAX_PLATFORMS=cpu "$PY" -m diffvit_jax.reporting.manifest --out "$root/study.json" \
+    --config configs/digits.py --seeds "$seeds" ${EXTRA_ARGS:-} || exit 1
   # Seed-major: stopped early, the runs done so far are still complete pairs.
   for seed in $seeds; do
     for arch in vit diffvit; do
@@ -184,7 +189,8 @@ study() {  # study [seeds]: paired seeds of ViT and DiffViT, so the report can d
     done
   done
   echo "== training took $((SECONDS - start)) s"
-  "$PY" -m diffvit_jax.reporting.report "${workdirs[@]}" --out reports/study
+  "$PY" -m diffvit_jax.reporting.report "${workdirs[@]}" --out reports/study \
+    --manifest "$root/study.json"
 }
 
 cmd="${1:-}"

@@ -152,6 +152,16 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
   return t
 
 
+def analysis_config(**overrides) -> ml_collections.ConfigDict:
+  """`config.analysis`: the verdict's design, fixed before training (reporting/manifest.py)."""
+  a = ml_collections.ConfigDict()
+  # TOST equivalence margin in points of top-1 (README: Results and analysis says why 1.0).
+  a.equivalence_margin = 1.0
+  a.alpha = 0.05  # level of the primary test (Holm over the sizes) and of TOST
+  a.update(overrides)
+  return a
+
+
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = ""  # experiment label used by reports, e.g. 'vit_10m,v2'
@@ -159,6 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = model_config()
   config.data = data_config()
   config.train = train_config()
+  config.analysis = analysis_config()
   return config
 
 
@@ -253,7 +264,7 @@ def validate_model(m) -> None:
 def _check_names(config) -> None:
   """Every field is one the schema has (a config built in code may carry a misspelt one)."""
   base = base_config()
-  for section in ("model", "data", "train"):
+  for section in ("model", "data", "train", "analysis"):
     for name in config[section]:
       if name not in base[section]:
         hint = did_you_mean(name, list(base[section]))
@@ -304,6 +315,11 @@ def validate(config, *, mode: str = "train", num_devices: int | None = None) -> 
       fail("train.warmup_epochs", f"{t.warmup_epochs!r} and train.warmup_steps="
            f"{t.warmup_steps!r} are both set: say the warmup one way (epochs follow the batch "
            "size, steps do not) and set the other to 0.")
+  if not 0 < config.analysis.equivalence_margin < 100:
+    fail("analysis.equivalence_margin", f"{config.analysis.equivalence_margin!r}: expected a "
+         "margin in points of top-1 between 0 and 100, e.g. 1.0.")
+  if not 0 < config.analysis.alpha < 0.5:
+    fail("analysis.alpha", f"{config.analysis.alpha!r}: expected a level in (0, 0.5), e.g. 0.05.")
   if d.randaugment:
     augment.parse_randaugment(d.randaugment, field="data.randaugment")
   if d.train_corruption:

@@ -93,6 +93,9 @@ def _define_flags() -> flags.FlagValues:
                             flag_values=fv)
   flags.DEFINE_string("python", sys.executable, "Interpreter of the training runs.",
                       flag_values=fv)
+  flags.DEFINE_float("equivalence_margin", None, "The verdict's equivalence margin in points "
+                     "of top-1, fixed in the study manifest before the first run (default: the "
+                     "configs' analysis.equivalence_margin).", flag_values=fv)
   return fv
 
 
@@ -273,6 +276,21 @@ def _now() -> str:
 
 def status_path(fv) -> str:
   return os.path.join(fv.root, fv.protocol, STATUS_FILE)
+
+
+def manifest_path(fv) -> str:
+  from diffvit_jax.reporting import manifest
+
+  return os.path.join(fv.root, fv.protocol, manifest.MANIFEST)
+
+
+def write_manifest(runs: list[Job], configs: dict, fv) -> None:
+  """<root>/<protocol>/study.json, the study's design, before any run trains (kept if there)."""
+  from diffvit_jax.reporting import manifest
+
+  unique = {(r.size, r.arch): (r.size, configs[r.index]) for r in runs}
+  design = manifest.from_configs(list(unique.values()), [r.seed for r in runs])
+  print(manifest.write(manifest_path(fv), design)[1], flush=True)
 
 
 @contextlib.contextmanager
@@ -650,6 +668,8 @@ def write_report(workdirs: list[str], fv) -> int:
     return 0
   command = [fv.python, "-m", "diffvit_jax.reporting.report", *workdirs, "--out",
              reports_dir(fv)]
+  if os.path.exists(manifest_path(fv)):
+    command += ["--manifest", manifest_path(fv)]
   print(f"== report: {shlex.join(command)}", flush=True)
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   return subprocess.run(command, env=env, check=False).returncode
@@ -725,6 +745,8 @@ def _run_main(argv: list[str]) -> int:
   own, overrides = split_overrides(argv)
   if cli.parse(fv, own, prog="sweep", usage=USAGE) is None:
     return 0
+  if fv.equivalence_margin is not None:  # Into every run's config, and so into the manifest.
+    overrides.append(f"--config.analysis.equivalence_margin={fv.equivalence_margin}")
   if sum([fv.dry_run, fv.status, fv.slurm, fv.report, fv.task_id is not None]) > 1:
     raise ConfigError("--dry_run, --status, --slurm, --report and --task_id are exclusive.")
   runs = run_list(fv)
@@ -745,6 +767,7 @@ def _run_main(argv: list[str]) -> int:
                           need_data=not (fv.dry_run or fv.slurm or fv.report))
   checks = check_workdirs(runs, configs)
   if fv.slurm:
+    write_manifest(runs, configs, fv)  # Before any array task trains.
     array, report = write_slurm(runs, fv, overrides)
     print(f"Wrote {array} ({len(runs)} tasks, one per run) and {report}. Submit them with\n\n"
           f"  jobid=$(sbatch --parsable {shlex.quote(array)})\n"
@@ -779,6 +802,8 @@ def _run_main(argv: list[str]) -> int:
     except BlockingIOError:
       raise UserError(f"Another sweep is running on {os.path.dirname(path)} (it holds "
                       f"{path}.queue.lock); see its state with --status.") from None
+  if fv.task_id is None:  # An array task's study.json was written with its scripts.
+    write_manifest(runs, configs, fv)
   previous = read_status(path)
   settled = []
   for run in runs:
