@@ -43,6 +43,7 @@ SHARED = {
     "train.keep_checkpoints": 3, "train.log_every": 50, "train.on_nonfinite": "stop",
     "train.profile": False, "train.distributed": False, "train.microbatches": "auto",
     "train.device_memory_gib": 0.0, "train.stop_check_every": 100,
+    "analysis.equivalence_margin": 1.0, "analysis.alpha": 0.05,
 }
 PROTOCOLS = {
     # The study: fixed lr and warmup steps at its global batches, no augmentation at all.
