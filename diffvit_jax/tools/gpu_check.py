@@ -111,14 +111,18 @@ def config_gflops(config) -> float:
   return gflops(config.model.to_json(), config.data.image_size)
 
 
-def cannot_run(model_config, impl: str) -> str | None:
-  """Why attention path `impl` cannot run `model_config` here (attention_impl's rules)."""
+def cannot_run(model_config, impl: str, image_size: int) -> str | None:
+  """Why attention path `impl` cannot train `model_config` here (attention_impl's rules).
+
+  `image_size` gives the token count, which the training rules read (JAX's cuDNN backward
+  needs an even one).
+  """
   path = model_config.copy_and_resolve_references()
   path.attention_impl = impl
   try:
-    attention_impl.resolve(path)
+    attention_impl.resolve(path, tokens=stats.num_tokens(path, image_size))
   except ConfigError as e:
-    return str(e).split(". ")[0]  # the rule, without the advice that follows it
+    return str(e).split(". Use attention_impl=")[0]  # the rule, without the advice after it
   return None
 
 
@@ -246,7 +250,7 @@ def agreement(check: Check) -> dict:
                                     reference_outputs)
     for impl in PATHS:
       fields = dict(arch=arch, path=impl, dtype=model.dtype)
-      why = cannot_run(model, impl)
+      why = cannot_run(model, impl, config.data.image_size)
       if reference is None or why:
         rows.append(dict(fields, **(dict(skipped=why) if why else note)))
         continue
@@ -329,7 +333,7 @@ def diffvit_forms(check: Check) -> dict:
       measured = steps.get(name, {})
       if measured.get("attention") == impl and "step_ms" in measured:
         forms[impl] = dict(fields, step_ms=measured["step_ms"], from_section="step_time")
-      elif why := cannot_run(model, impl):
+      elif why := cannot_run(model, impl, check.config(name).data.image_size):
         forms[impl] = dict(fields, skipped=why)
       else:
         forms[impl] = dict(time_config(check, name, {"model.attention_impl": impl}), **fields)
