@@ -1,6 +1,7 @@
 """The verdict: primary endpoint with Holm, TOST, power, per-image evidence, admission."""
 
 import csv
+import json
 import math
 import os
 
@@ -10,9 +11,9 @@ from analysis_runs import correct_images, digits_config, rising_evals, write_syn
 from scipy import stats as scipy_stats
 
 from diffvit_jax import config_lib
-from diffvit_jax.errors import DataError
+from diffvit_jax.errors import DataError, UserError
 from diffvit_jax.models import stats
-from diffvit_jax.reporting import events, report, tables, verdict
+from diffvit_jax.reporting import events, manifest, report, tables, verdict
 from diffvit_jax.reporting import runs as runs_lib
 
 
@@ -526,3 +527,274 @@ def test_resume_identity_covers_the_recipe_but_not_the_intervals():
   same.train.update(log_every=3, eval_every=7, checkpoint_every=9, keep_checkpoints=1)
   same.model.attention_impl = "einsum"
   assert checkpointing.resume_identity(same) == identity
+
+
+# --- The study manifest: the design fixed before the data ---------------------------------------
+
+def _manifest(tmp_path, sizes=("10m",), seeds=(0, 1, 2, 3, 4), margin=0.01):
+  family = tuple(manifest.Planned("v2", size, f"vit_{size},v2", f"diffvit_{size},v2", "vit",
+                                  "diffvit") for size in sizes)
+  design = manifest.Design(endpoint="final_top1", family=family, margin=margin, alpha=0.05,
+                           seeds=tuple(seeds), date="2026-12-07T00:00:00+00:00")
+  path = str(tmp_path / "runs" / manifest.MANIFEST)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  return manifest.write(path, design)
+
+
+SIZES = (("10m", 10_130_000, 0.02), ("20m", 20_200_000, 0.015), ("30m", 30_300_000, 0.0))
+
+
+def test_a_planned_size_whose_model_runs_all_failed_counts_at_p_1_of_3(tmp_path):
+  _manifest(tmp_path, sizes=[s for s, _, _ in SIZES], seeds=range(5))
+  workdirs = []
+  for size, params, effect in SIZES:
+    offsets = {s: effect + 0.004 * ((s * 3) % 5 - 2) for s in range(5)}
+    workdirs += _study(tmp_path, offsets, size=size, params=params)
+  for workdir in workdirs:  # Every DiffViT-30m run stopped before its end.
+    if os.sep + "diffvit_30m" + os.sep in workdir:
+      _rewrite_info(workdir, completed_steps=400)
+  rows, text = _report(tmp_path, workdirs)
+  primary = {r["size"]: r for r in rows if r["role"] == "primary"}
+  assert sorted(primary) == ["10m", "20m", "30m"]
+  lost = primary["30m"]
+  assert lost["holm_as_1"] == "True" and lost["p"] == "nan" and lost["n_paired"] == "0"
+  assert lost["reading"].startswith("planned, no admissible comparison")
+  p = [float(primary[s]["p"]) for s in ("10m", "20m")]
+  expected = verdict.holm([*p, math.nan])  # the lost size at p = 1, not a family of 2
+  for size, value in zip(("10m", "20m"), expected[:2], strict=True):
+    assert float(primary[size]["p_holm"]) == pytest.approx(value)
+    assert primary[size]["holm_family"] == "3"
+  assert expected[:2] != pytest.approx(verdict.holm(p))
+  table = _verdict_table(text)
+  assert "p = 1 counted (of 3)" in table and "(of 3)" in table
+  assert "Counted in Holm at p = 1" in table and "30m (no admissible comparison)" in table
+  assert "Design from the study manifest" in table
+
+
+def test_without_a_manifest_the_family_is_the_sizes_given(tmp_path):
+  workdirs = []
+  for size, params, effect in SIZES[:2]:
+    workdirs += _study(tmp_path, {s: effect + 0.001 * s for s in range(3)}, size=size,
+                       params=params)
+  rows, text = _report(tmp_path, workdirs)
+  assert {r["holm_family"] for r in rows if r["role"] == "primary"} == {"2"}
+  table = _verdict_table(text)
+  assert "No study manifest" in table and "the comparisons of the sizes given" in table
+  assert "the code's default; no manifest fixed one" in table
+
+
+def test_a_margin_given_only_at_report_time_is_post_hoc(tmp_path):
+  offsets = {0: 0.004, 1: -0.005, 2: 0.002, 3: -0.003, 4: 0.001}
+  workdirs = _study(tmp_path, offsets)
+  _manifest(tmp_path, margin=0.01)
+  rows, text = _report(tmp_path, workdirs)
+  assert _primary(rows)["margin_source"] == "manifest"
+  assert "fixed in the study manifest before the runs" in _verdict_table(text)
+  rows, text = _report(tmp_path, workdirs, "--equivalence_margin=1.0")  # the planned one
+  assert _primary(rows)["margin_source"] == "manifest"
+  rows, text = _report(tmp_path, workdirs, "--equivalence_margin=2")
+  assert _primary(rows)["margin_source"] == "post hoc"
+  assert float(_primary(rows)["margin"]) == pytest.approx(0.02)
+  assert "**post hoc**" in _verdict_table(text) and "planned one was ±1.00 pp" in text
+  os.remove(tmp_path / "runs" / manifest.MANIFEST)
+  rows, text = _report(tmp_path, workdirs, "--equivalence_margin=2")
+  assert _primary(rows)["margin_source"] == "post hoc" and "**post hoc**" in text
+
+
+def test_the_verdict_reads_the_planned_seeds_and_more_seeds_are_exploratory(tmp_path):
+  # Planned 0 1 2 (no difference); seeds 3-6 added later all favour DiffViT by 3 pp.
+  offsets = {0: 0.001, 1: -0.002, 2: 0.001, 3: 0.03, 4: 0.031, 5: 0.029, 6: 0.03}
+  _, line = _manifest(tmp_path, seeds=(0, 1, 2))
+  assert "written" in line
+  rows, text = _report(tmp_path, _study(tmp_path, offsets))
+  top1 = _primary(rows)
+  assert top1["paired_seeds"] == "0 1 2" and "better" not in top1["reading"]
+  assert float(top1["mean"]) == pytest.approx(0.0, abs=1e-6)
+  (extra,) = [r for r in rows if r["role"] == "exploratory"]
+  assert extra["paired_seeds"] == "0 1 2 3 4 5 6"
+  assert extra["reading"].startswith("exploratory (all paired seeds; seeds 3 4 5 6 are beyond")
+  table = _verdict_table(text)
+  assert "Exploratory, not the verdict" in table and "planned seeds 0 1 2" in table
+
+
+def test_a_rerun_keeps_the_manifest_or_refuses_another_design(tmp_path):
+  design, line = _manifest(tmp_path, sizes=("10m", "20m"), seeds=(0, 1, 2))
+  with open(design.path) as f:
+    written = f.read()
+  kept, line = _manifest(tmp_path, sizes=("10m",), seeds=(0, 1, 2, 3))  # part of it, more seeds
+  assert kept.seeds == (0, 1, 2) and "kept" in line and "seeds 3 are beyond" in line
+  with open(design.path) as f:
+    assert f.read() == written
+  for change in (dict(margin=0.02), dict(sizes=("10m", "20m", "30m"))):
+    with pytest.raises(UserError, match="fixes this study's design"):
+      _manifest(tmp_path, **{"sizes": ("10m", "20m"), **change})
+  with open(design.path) as f:
+    assert f.read() == written
+  with open(design.path, "w") as f:
+    f.write("{}")
+  with pytest.raises(DataError, match="not a study manifest"):
+    manifest.read(design.path)
+
+
+def test_the_sweep_writes_its_manifest_before_any_run_trains(tmp_path, monkeypatch, capsys):
+  from diffvit_jax.tools import sweep
+
+  common = [f"--root={tmp_path / 'runs'}", "--sizes=10m 30m", "--seeds=0 1 2",
+            "--devices=cpu:1", "--equivalence_margin=0.5"]
+  assert sweep.main([*common, "--slurm"]) == 0  # the scripts, nothing trained
+  path = tmp_path / "runs" / "v2" / manifest.MANIFEST
+  design = manifest.read(str(path))
+  assert [(p.size, p.model, p.baseline) for p in design.family] == [
+      ("10m", "diffvit_10m,v2", "vit_10m,v2"), ("30m", "diffvit_30m,v2", "vit_30m,v2")]
+  assert design.seeds == (0, 1, 2) and design.margin == pytest.approx(0.005)
+  assert "--config.analysis.equivalence_margin=0.5" in (
+      tmp_path / "runs" / "v2" / "slurm" / "train_array.sbatch").read_text()
+  os.remove(path)
+  seen = {}
+
+  def queue(runs, *args):  # instead of training: what is on disk when the first run starts
+    seen["manifest"] = os.path.exists(path)
+    return {r.index: sweep._entry(r, "failed", reason="not trained here") for r in runs}, None
+
+  monkeypatch.setattr(sweep, "plan_models", lambda *a, **k: {})
+  monkeypatch.setattr(sweep, "queue", queue)
+  build = sweep.build_configs  # no data set here: planned as for --slurm
+  monkeypatch.setattr(sweep, "build_configs",
+                      lambda *a, **k: build(*a, **{**k, "need_data": False}))
+  assert sweep.main(common) == 1  # every run "failed"
+  assert seen == {"manifest": True}
+  assert "Study manifest written" in capsys.readouterr().out
+  # Another margin on the same study: refused before anything runs.
+  seen.clear()
+  assert sweep.main([*common[:-1], "--equivalence_margin=2"]) == 2
+  assert not seen and "fixes this study's design" in capsys.readouterr().err
+
+
+# --- Loose ends: per-image files and robustness only from the final evaluation -----------------
+
+def test_per_example_counts_only_when_it_is_the_final_evaluation(tmp_path):
+  workdirs = _study(tmp_path, {0: 0.01, 1: 0.0, 2: -0.01})
+  rows, _ = _report(tmp_path, workdirs)
+  assert _primary(rows)["per_image_missing"] == "" and _primary(rows)["crossed_low"] != "nan"
+  by_name = {os.path.relpath(w, tmp_path / "runs"): w for w in workdirs}
+  for name, change in (("diffvit_10m/seed1", dict(step=np.int64(600))),
+                       ("vit_10m/seed2", dict(flip=True))):
+    path = os.path.join(by_name[name], "per_example.npz")
+    with np.load(path) as f:
+      arrays = {k: f[k] for k in f.files}
+    if change.get("flip"):
+      arrays["top1"][0] = not arrays["top1"][0]  # its mean is no longer the final top-1
+    arrays.update({k: v for k, v in change.items() if k != "flip"})
+    np.savez(path, **arrays)
+  rows, _ = _report(tmp_path, workdirs)
+  missing = _primary(rows)["per_image_missing"]
+  assert "seed 1: diffvit: per_example.npz is of step 600, not the final evaluation's 1000" in (
+      missing)
+  assert "seed 2: vit: per_example.npz's top-1" in missing and "not the final" in missing
+  assert _primary(rows)["crossed_low"] == "nan"  # no interval from a partial set of seeds
+
+
+def _robustness(workdir, *, step=1000, cells=(("fog", "1"), ("fog", "5"))):
+  from diffvit_jax.evaluation import robustness
+
+  corrupted = {}
+  for name, severity in cells:
+    corrupted.setdefault(name, {})[severity] = {"top1": 0.4, "top5": 1.0, "loss": 0.0}
+  result = dict(name="x", workdir=str(workdir), step=step, checkpoint="latest",
+                data=dict(source="tiny_imagenet", eval_split="validation", num_eval=10),
+                clean={"top1": 0.6, "top5": 1.0, "loss": 0.0}, corrupted=corrupted)
+  robustness.summarise(result)
+  with open(os.path.join(workdir, "robustness.json"), "w") as f:
+    json.dump(result, f)
+
+
+def test_robustness_rows_only_from_final_evaluations_of_one_corruption_set(tmp_path):
+  workdirs = _study(tmp_path, {0: 0.01, 1: 0.0, 2: -0.01})
+  for workdir in workdirs:
+    seed = int(workdir[-1])
+    _robustness(workdir, step=800 if seed == 1 else 1000,  # seed 1 at a --best checkpoint
+                cells=(("fog", "1"),) if seed == 2 and "diffvit" in workdir
+                else (("fog", "1"), ("fog", "5")))
+  admitted, _ = runs_lib.admit([runs_lib.load_run(w) for w in workdirs])
+  groups = runs_lib.group_runs(admitted)
+  rows = {r["arch"]: r for r in tables.robustness_rows(groups)}
+  assert rows["vit"]["n_seeds"] == 2 and "seed 1 (evaluated at" in rows["vit"]["left_out"]
+  assert rows["diffvit"]["n_seeds"] == 1 and "seed 2 (another corruption set)" in (
+      rows["diffvit"]["left_out"])
+  assert rows["vit"]["coverage"] == "partial" and rows["vit"]["cells"] == 2
+  paired = tables.robustness_paired_rows(tables.comparisons(groups))
+  assert [r["seed"] for r in paired if r["kind"] == "seed"] == [0]
+  (summary,) = [r for r in paired if r["kind"] == "summary"]
+  assert "seed 2 (the two runs were evaluated on other corruption cells)" in summary["left_out"]
+  assert "partial, 2 cells" in tables.robustness_paired_markdown(paired)
+
+
+# --- Secondary readings: pooled, trend, P(better), pairing, compute ----------------------------
+
+def test_contrast_and_probability_of_improvement_by_hand():
+  pooled = verdict.contrast([0.5, 0.5], [0.02, 0.0], [1e-5, 4e-5], [4, 4])
+  assert pooled.estimate == pytest.approx(0.01)
+  assert pooled.se == pytest.approx(math.sqrt(0.25 * 5e-5))
+  df = (0.25 * 5e-5) ** 2 / ((0.25 * 1e-5) ** 2 / 4 + (0.25 * 4e-5) ** 2 / 4)
+  assert pooled.df == pytest.approx(df)
+  assert pooled.high - pooled.estimate == pytest.approx(
+      scipy_stats.t.ppf(0.975, df) * pooled.se)
+  assert verdict.slope_weights([1, 2, 3]) @ np.array([5.0, 7.0, 9.0]) == pytest.approx(2.0)
+  assert verdict.prob_improvement([3, 4], [1, 3]) == pytest.approx((1 + 1 + 0.5 + 1) / 4)
+  point, low, high = verdict.prob_improvement_interval([([0.7, 0.8, 0.9], [0.1, 0.2, 0.3])],
+                                                       resamples=500)
+  assert (point, low, high) == (1.0, 1.0, 1.0)
+  x = np.array([0.60, 0.62, 0.58, 0.61])
+  assert verdict.correlation(x + 0.01, x) == pytest.approx(1.0)
+  assert verdict.unpaired_half_width(x + 0.01, x) > 0
+
+
+def test_report_has_the_pooled_and_compute_readings_marked_secondary(tmp_path):
+  _manifest(tmp_path, sizes=[s for s, _, _ in SIZES], seeds=range(5))
+  workdirs = []
+  for size, params, effect in SIZES:
+    workdirs += _study(tmp_path, {s: effect + 0.004 * ((s * 3) % 5 - 2) for s in range(5)},
+                       size=size, params=params)
+  for workdir in workdirs:  # DiffViT takes 4000 s where ViT takes 3600 s
+    if os.sep + "diffvit_" in workdir:
+      _rewrite_info(workdir, train_seconds=4000.0)
+  out = str(tmp_path / "report")
+  assert report.main([*workdirs, "--out", out]) == 0
+  secondary = read_csv(os.path.join(out, "secondary.csv"))
+  by_kind = {r["kind"]: r for r in secondary if r["kind"] != "pairing"}
+  primary = [r for r in read_csv(os.path.join(out, "verdict.csv")) if r["role"] == "primary"]
+  means = [float(r["mean"]) for r in primary]
+  assert float(by_kind["pooled"]["estimate"]) == pytest.approx(np.mean(means))
+  logs = np.log10([p for _, p, _ in SIZES])
+  assert float(by_kind["trend"]["estimate"]) == pytest.approx(
+      verdict.slope_weights(logs) @ np.array(means))
+  assert float(by_kind["trend"]["estimate"]) < 0  # the effect shrinks with size here
+  assert 0 <= float(by_kind["p_better"]["low"]) <= float(by_kind["p_better"]["estimate"]) <= (
+      float(by_kind["p_better"]["high"])) <= 1
+  assert len([r for r in secondary if r["kind"] == "pairing"]) == 3
+  compute = {r["size"]: r for r in read_csv(os.path.join(out, "compute.csv"))}
+  row = compute["10m"]
+  # DiffViT at ViT's 3600 s: 90% of its steps, step 900, between its evaluations at 800, 1000.
+  assert float(row["model_top1_at_other_time"]) == pytest.approx(
+      0.9 * float(row["model_top1"]), rel=1e-4)
+  assert row["baseline_top1_at_other_time"] == "nan"  # ViT's run ended before 4000 s
+  with open(os.path.join(out, "report.md")) as f:
+    text = f.read()
+  assert "### Secondary: pooled over sizes" in text and "### Secondary: compute" in text
+  assert "pooled effect (equal weights over sizes)" in text and "P(model > ViT)" in text
+  assert "fixed effects, because the sizes are the design" in text
+  assert "pairing narrowed it" in text and "top-1 % at the other's wall time" in text
+
+
+def test_readme_study_table_is_the_reports_own():
+  readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "README.md")
+  with open(readme) as f:
+    lines = f.read().splitlines()
+  header = "| " + " | ".join(tables.VERDICT_HEADER) + " |"
+  assert header in lines
+  rule = lines[lines.index(header) + 1]
+  assert rule == tables.markdown_table(list(tables.VERDICT_HEADER), [],
+                                       "llllrrrrrrrrrrl").splitlines()[1]
+  row = lines[lines.index(header) + 2]
+  assert row.count(" | ") == len(tables.VERDICT_HEADER) - 1
