@@ -1,6 +1,8 @@
 """Sizes and costs computed from the real parameter tree (via `jax.eval_shape`, no allocation).
 
 Every count comes from the tree the trainer optimises, never from a summary of the layers.
+Nothing here starts a JAX backend (the report counts parameters beside a running sweep,
+whose GPUs a started backend would claim memory on).
 """
 
 import functools
@@ -30,8 +32,10 @@ def param_shapes(model_config, image_size: int):
   model = build_model(model_config, attention="einsum")  # any path has the same tree
   check_image_size(model_config, image_size)
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  # An abstract raw key: a concrete one (jax.random.key(0)) would start a backend.
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   init = functools.partial(model.init, train=False)
-  return jax.eval_shape(init, jax.random.key(0), images)["params"]
+  return jax.eval_shape(init, key, images)["params"]
 
 
 def _size(tree) -> int:

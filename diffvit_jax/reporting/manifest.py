@@ -17,7 +17,10 @@ import os
 import re
 import sys
 
-from diffvit_jax.errors import DataError, UserError
+if __name__ == "__main__":  # Before JAX is imported: a report never starts a GPU backend,
+  os.environ["JAX_PLATFORMS"] = "cpu"  # whatever the caller's environment says.
+
+from diffvit_jax.errors import DataError, UserError  # noqa: E402
 
 MANIFEST = "study.json"
 PRIMARY_ENDPOINT = "final_top1"

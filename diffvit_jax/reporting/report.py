@@ -7,13 +7,16 @@ r"""Plots and tables from training workdirs.
 import os
 import sys
 
-from absl import flags
+if __name__ == "__main__":  # Before JAX is imported: a report never starts a GPU backend,
+  os.environ["JAX_PLATFORMS"] = "cpu"  # whatever the caller's environment says.
 
-from diffvit_jax.errors import DataError, UserError
-from diffvit_jax.models import registry
-from diffvit_jax.reporting import manifest as manifest_lib
-from diffvit_jax.reporting import plots, secondary, tables, verdict
-from diffvit_jax.reporting import runs as runs_lib
+from absl import flags  # noqa: E402
+
+from diffvit_jax.errors import DataError, UserError  # noqa: E402
+from diffvit_jax.models import registry  # noqa: E402
+from diffvit_jax.reporting import manifest as manifest_lib  # noqa: E402
+from diffvit_jax.reporting import plots, secondary, tables, verdict  # noqa: E402
+from diffvit_jax.reporting import runs as runs_lib  # noqa: E402
 
 
 def _image(path: str, out_dir: str, alt: str) -> str:

@@ -17,11 +17,14 @@ import re
 import sys
 import warnings
 
-import numpy as np
+if __name__ == "__main__":  # Before JAX is imported: a report never starts a GPU backend,
+  os.environ["JAX_PLATFORMS"] = "cpu"  # whatever the caller's environment says.
 
-from diffvit_jax.errors import DataError, UserError
-from diffvit_jax.models import registry
-from diffvit_jax.reporting import events
+import numpy as np  # noqa: E402
+
+from diffvit_jax.errors import DataError, UserError  # noqa: E402
+from diffvit_jax.models import registry  # noqa: E402
+from diffvit_jax.reporting import events  # noqa: E402
 
 RUN_INFO = "run_info.json"
 ROBUSTNESS_JSON = "robustness.json"
