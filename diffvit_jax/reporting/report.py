@@ -183,12 +183,17 @@ def write_report(workdirs: list[str], out_dir: str, *, margin: float | None = No
 
     report.md                    the tables below and the figures, in one page, opening
                                  with the verdict
-    verdict.csv                  per size and protocol, parameter-matched differential minus
-                                 classic: the primary endpoint (final top-1: paired t, Holm over
-                                 the sizes of a protocol, TOST against --equivalence_margin, MDE
-                                 and seeds needed, two-level bootstrap, per-seed values, reading)
-                                 and the secondary, descriptive val loss
+    verdict.csv                  per planned comparison, parameter-matched differential minus
+                                 classic: the primary endpoint (final top-1 over the planned
+                                 seeds: paired t, Holm over the family, TOST against the margin,
+                                 MDE and seeds needed with their range, the seeds x images
+                                 interval, per-seed values, reading), the secondary, descriptive
+                                 val loss, and exploratory rows (seeds beyond the plan, or
+                                 comparisons outside the family)
     per_seed.csv                 per paired seed: both top-1s, discordant images, McNemar's p
+    secondary.csv                pooled effect over sizes, its trend, P(better), pairing
+    compute.csv                  per pair: FLOPs, throughput, wall time, top-1 at the other's
+                                 wall time and FLOPs
     results.{md,csv}             per config: params, training GFLOPs/image, seeds, final
                                  top-1/top-5/val loss (the headline), best-on-val top-1 with the
                                  top-5 of that evaluation, throughput, wall time
