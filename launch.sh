@@ -2,9 +2,10 @@
 # Set-up and the named jobs. Every job creates/reuses .venv first (idempotent).
 #
 #   ./launch.sh setup                      create/refresh .venv (runtime deps)
-#   ./launch.sh setup gpu                  the same plus the CUDA 12 jaxlib of the installed jax
-#                                          (done by every job when nvidia-smi sees a GPU; use it
-#                                          where none is visible: login nodes, container builds)
+#   ./launch.sh setup gpu                  the same plus JAX's CUDA build of the installed jax
+#                                          (CUDA 13, or 12 where the driver has no 13; done by
+#                                          every job when nvidia-smi sees a GPU; use it where
+#                                          none is visible: login nodes, container builds)
 #   ./launch.sh quickstart                 ViT and DiffViT on the embedded digits data (CPU, minutes)
 #   ./launch.sh test                       the test suite (installs the test extra: pytest, torch, timm)
 #   ./launch.sh tiny_imagenet [protocol] [sizes] [seeds] [--dry_run|--status|--slurm ...]
@@ -19,6 +20,9 @@
 #                                          N training processes on this machine (CPU devices,
 #                                          coordinator on 127.0.0.1), as a multi-host job runs;
 #                                          see diffvit_jax/tools/multihost.py for its own flags
+#   ./launch.sh gpu_rehearsal [--targets h100,a100,rtx4090] [--protocols v2,seed] [--sizes ...]
+#                                          every experiment compiled for NVIDIA GPUs without one
+#                                          -> benchmarks/gpu_rehearsal.{json,md}
 #   ./launch.sh gpu_check [--dry_run] [--out DIR]
 #                                          what only a GPU can tell (<10 min on one H100/H200):
 #                                          -> benchmarks/gpu_check.{json,md}; --dry_run: CPU, tiny
@@ -26,14 +30,14 @@
 #                                          default: runs/study/<arch>/seed<k>, then the verdict
 #                                          with its confidence interval in reports/study/report.md
 #
-# Environment: PYTHON (interpreter for the venv, default python3), EXTRA_ARGS (appended to
+# Environment: PYTHON (interpreter for the venv, default python3), VENV (default .venv), EXTRA_ARGS (appended to
 # every training command, e.g. "--config.train.steps=100"), TFDS_DATA_DIR (where Tiny
 # ImageNet is built, default ~/tensorflow_datasets; put tiny-imagenet-200.zip in
 # $TFDS_DATA_DIR/downloads/manual to skip the download).
 set -euo pipefail
 cd "$(dirname "$0")"
 
-VENV=.venv
+VENV="${VENV:-.venv}"
 PY="$VENV/bin/python"
 
 setup() {  # setup [extra|gpu]: install the package (and an extra) once per pyproject.toml version
@@ -49,16 +53,50 @@ setup() {  # setup [extra|gpu]: install the package (and an extra) once per pypr
     "$PY" -m pip install -q -e ".${extra:+[$extra]}"
     touch "$stamp"
   fi
-  if [ -n "$gpu" ]; then
-    # The CUDA plugin of the very jax version installed (never -U, which takes the newest
-    # jax); its own stamp, so a venv first made CPU-only gets it when run again on a GPU node.
-    local jax_version
-    jax_version=$("$PY" -c 'import importlib.metadata as m; print(m.version("jax"))')
-    if [ ! -f "$VENV/.cuda12-jax-$jax_version" ]; then
-      echo "== installing the CUDA 12 build of jaxlib for jax $jax_version into $VENV"
-      "$PY" -m pip install -q "jax[cuda12]==$jax_version"
-      touch "$VENV/.cuda12-jax-$jax_version"
-    fi
+  # The tests compile for NVIDIA GPUs without one (the GPU rehearsal): JAX's CUDA 13 plugin,
+  # on the CUDA 13 libraries torch brought (no second copy of cuDNN).
+  if [ "$extra" = test ]; then install_cuda_plugin 13 plugin; fi
+  if [ -n "$gpu" ]; then install_cuda_plugin "$(driver_cuda_major)" runtime; fi
+  check_cuda_env
+}
+
+driver_cuda_major() {  # the CUDA major the driver supports (nvidia-smi), 13 where none says
+  local version
+  version=$(nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9]*' | grep -o '[0-9]*$' || true)
+  if [ -n "$version" ] && [ "$version" -lt 13 ]; then echo 12; else echo 13; fi
+}
+
+install_cuda_plugin() {  # install_cuda_plugin 12|13 plugin|runtime: JAX's CUDA build, once
+  # Of the very jax version installed (never -U, which takes the newest jax). 'plugin': the
+  # plugin alone (compiles; the cuDNN comes from torch's CUDA 13 wheels); 'runtime': jax[cudaN],
+  # with every CUDA library a GPU run loads. One CUDA major per venv: the two write the same
+  # library paths (nvidia/cudnn/lib/libcudnn.so.9, ...), so a venv holding the other is refused.
+  local major="$1" kind="$2" other jax_version
+  other=$([ "$major" = 12 ] && echo 13 || echo 12)
+  jax_version=$("$PY" -c 'import importlib.metadata as m; print(m.version("jax"))')
+  local stamp="$VENV/.cuda$major-$kind-jax-$jax_version"
+  [ -f "$stamp" ] && return 0
+  if "$PY" -m pip show -q "jax-cuda$other-plugin" "nvidia-cudnn-cu$other" >/dev/null 2>&1; then
+    {
+      echo "error: $VENV holds CUDA $other libraries (JAX's CUDA $other plugin, or torch's cuDNN"
+      echo "from the test extra) and this step needs CUDA $major; the two overwrite each other's"
+      echo "files. Use another venv for it: VENV=.venv-cuda$major ./launch.sh ... (README: GPU set-up)."
+    } >&2
+    exit 1
+  fi
+  echo "== installing JAX's CUDA $major ${kind} for jax $jax_version into $VENV"
+  if [ "$kind" = runtime ]; then "$PY" -m pip install -q "jax[cuda$major]==$jax_version"
+  else "$PY" -m pip install -q "jax-cuda$major-plugin==$jax_version" "jax-cuda$major-pjrt==$jax_version"; fi
+  touch "$stamp"
+}
+
+check_cuda_env() {  # no venv whose JAX CUDA plugin loads another CUDA's libraries
+  local problem
+  problem=$(JAX_PLATFORMS=cpu "$PY" -c \
+    'from diffvit_jax import targets; print(targets.cuda_env_problem() or "")' 2>&1 | tail -n 1)
+  if [ -n "$problem" ]; then
+    echo "error: $VENV: $problem. Remove $VENV and run the set-up again (README: GPU set-up)." >&2
+    exit 1
   fi
 }
 
@@ -150,6 +188,11 @@ report() {
   "$PY" -m diffvit_jax.reporting.report "$@" --out reports
 }
 
+gpu_rehearsal() {  # the experiments compiled for NVIDIA GPUs, on this machine, without one
+  setup test
+  JAX_PLATFORMS=cpu "$PY" -m diffvit_jax.tools.gpu_rehearsal "$@"
+}
+
 gpu_check() {
   setup
   case " $* " in *" --dry_run "* | *" --dry_run=true "*) ;; *) require_cuda ;; esac
@@ -204,5 +247,6 @@ case "$cmd" in
   study) study "$@" ;;
   multihost) setup && "$PY" -m diffvit_jax.tools.multihost "$@" ;;
   gpu_check) gpu_check "$@" ;;
+  gpu_rehearsal) gpu_rehearsal "$@" ;;
   *) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 2 ;;
 esac

@@ -62,11 +62,18 @@ def apply_cpu_defaults() -> dict:
   return _applied
 
 
-def max_steps_in_flight() -> int | None:
-  """Train steps that may stay unfinished after a dispatch returns; None for no limit."""
-  import jax
+# Train steps that may stay unfinished after a dispatch returns, off the CPU: each holds its
+# input batch on the device, so the memory plan counts them (training/memory.py).
+STEPS_IN_FLIGHT = 2
 
-  return 0 if jax.default_backend() == "cpu" else None
+
+def max_steps_in_flight(platform: str | None = None) -> int:
+  """Unfinished train steps allowed on `platform` (default: JAX's default backend)."""
+  if platform is None:
+    import jax
+
+    platform = jax.default_backend()
+  return 0 if platform == "cpu" else STEPS_IN_FLIGHT
 
 
 class StepQueue:

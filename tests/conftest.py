@@ -13,6 +13,11 @@ import os
 import shutil
 import tempfile
 
+# The suite runs on the CPU. The test extra carries JAX's CUDA plugin (the GPU rehearsal
+# compiles for GPUs without one); without this its start-up on a machine with no GPU fails
+# and JAX refuses the GPU topologies.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 _CACHE_ENV = {
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",

@@ -106,7 +106,8 @@ def test_plan_for_the_30m_v2_config_follows_the_device_memory():
   plans = {}
   for gib in (24, 80, 1024):
     config.train.device_memory_gib = float(gib)
-    plans[gib], _ = memory.plan(config, 512, _Device(None), _compiled_30m)
+    plans[gib], _ = memory.plan(config, 512, memory.device_memory(_Device(None), config.train),
+                                _compiled_30m)
   whole = plans[1024].tried[1]
   assert plans[1024].microbatches == 1 and plans[1024].fits
   assert plans[24].microbatches > plans[80].microbatches >= 1
