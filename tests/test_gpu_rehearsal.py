@@ -66,6 +66,9 @@ def test_train_step_compiles_for_the_target_with_cudnn_where_the_rules_choose_it
   assert any("queued input batches" in name for name in plan["reserved"])
   assert record["roofline_ms"] > 0 and record["sweep_gpu_hours"] > 0
   json.dumps(record)
+  table = gpu_rehearsal.markdown([record], dict(jax=jax.__version__, seeds=3, mfu=0.4,
+                                                elapsed_s=1.0, command="test"))
+  assert f"| {record['config']} | {target} | {chosen} |" in table
 
 
 def test_gpu_plan_needs_fewer_bytes_than_xla_cpu_for_the_same_step():

@@ -137,3 +137,35 @@ def test_bfloat16_digits_run_trains_as_well_as_float32(tmp_path):
     top1[dtype] = loop.train_and_evaluate(config, str(tmp_path / dtype))["top1"]
   assert top1["float32"] > 0.9
   assert abs(top1["bfloat16"] - top1["float32"]) <= 0.015, top1
+
+
+# Relative L2 error of the differential output in bfloat16 against float32, at init-like
+# (near-uniform) attention and lambda 0.73, where A1 v and lambda A2 v nearly cancel. 'einsum'
+# and 'xla' subtract A1 - lambda A2 in float32 and round once, for the value product: bfloat16
+# inputs alone give ~0.3%. The cuDNN form returns A1 v and A2 v in bfloat16 and subtracts
+# after: each rounding (2^-9) is amplified by |A1 v| / |A1 v - lambda A2 v|, ~1% here.
+PATH_TOLERANCE = {"einsum": 0.006, "xla": 0.006, "cudnn": 0.02}
+
+
+@pytest.mark.parametrize("path", list(PATH_TOLERANCE))
+def test_differential_paths_against_float32_at_init_like_attention(path):
+  from diffvit_jax.models import attention_ops
+
+  rng = np.random.default_rng(0)
+  pairs, size = 4, 16
+  q, k = (0.1 * rng.standard_normal((2, 64, 2 * pairs, size)) for _ in range(2))
+  v = rng.standard_normal((2, 64, pairs, 2 * size))
+  lam, scale = jnp.float32(0.73), size**-0.5
+  with jax.default_matmul_precision("highest"):
+    reference = attention_ops.attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)),
+                                        scale=scale, impl="einsum", lam=lam)
+  q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+  if path == "cudnn":  # its form, run by JAX's XLA attention on the CPU (bfloat16 outputs)
+    out = attention_ops.differential_cudnn(q, k, v, lam, scale, implementation="xla")
+  else:
+    out = attention_ops.attention(q, k, v, scale=scale, impl=path, lam=lam)
+  error = float(jnp.linalg.norm(out.astype(jnp.float32) - reference)
+                / jnp.linalg.norm(reference))
+  assert error < PATH_TOLERANCE[path]
+  if path != "cudnn":  # the float32 subtraction is what keeps these well inside cuDNN's form
+    assert error < PATH_TOLERANCE["cudnn"] / 2

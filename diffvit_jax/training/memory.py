@@ -54,7 +54,7 @@ class MemoryPlan:
     return self.bytes_per_device <= self.budget
 
   def as_dict(self) -> dict:
-    return dict(dataclasses.asdict(self), fits=self.fits,
+    return dict(dataclasses.asdict(self), fits=self.fits, budget=self.budget,
                 tried={str(k): v for k, v in self.tried.items()})
 
   def describe(self) -> str:
