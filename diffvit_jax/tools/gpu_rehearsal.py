@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -50,6 +51,26 @@ class Case:
 def cudnn_calls(hlo_text: str) -> dict:
   """cuDNN flash-attention custom calls in optimized HLO: forward and backward."""
   return dict(forward=hlo_text.count(CUDNN_FORWARD), backward=hlo_text.count(CUDNN_BACKWARD))
+
+
+def attention_forms(config) -> dict:
+  """Attention GFLOP per image (forward + backward, 3x the forward's two products) of each
+  form that can run the config's kind: 'counted' is what models/stats.py counts (DiffViT:
+  A1 - lambda A2 formed before one value product, the 'xla' path), 'cudnn' the fused call
+  as run (DiffViT: q/k zero-padded to 2d, v repeated: both products at 2d), and where q/k
+  are padded, 'cudnn_mla' the form cuDNN's MLA would run on Hopper (q/k at d; not built)."""
+  from diffvit_jax.models import registry, stats
+
+  m = config.model
+  tokens, kind = stats.num_tokens(m, config.data.image_size), registry.kind(m.arch)
+  per_width = 6 * m.depth * tokens**2 / 1e9  # GFLOP per unit of product width
+  qk, v = kind.fused_head_dims(m)
+  forms = dict(counted=per_width * (kind.qk_width_factor * m.width + m.width),
+               cudnn=per_width * m.num_heads * (qk + v))
+  natural = kind.qk_width_factor * m.width // m.num_heads  # the kind's own q/k head size
+  if qk > natural:  # zero-padded for the fused call
+    forms["cudnn_mla"] = per_width * m.num_heads * (natural + v)
+  return forms
 
 
 def compile_case(case: Case, num_train_examples: int = 100_000):
@@ -94,6 +115,7 @@ def rehearse(case: Case, seeds: int, mfu: float) -> dict:
       tokens=stats.num_tokens(config.model, config.data.image_size), depth=config.model.depth,
       attention=step.attention.as_dict(), cudnn_calls=cudnn_calls(step.train_step.as_text()),
       microbatches=plan.microbatches, memory_plan=plan.as_dict(), step_tflop=flops / 1e12,
+      attention_gflop_per_image=attention_forms(config),
       peak_tflops=None if not peak else peak / 1e12, roofline_ms=1e3 * roofline,
       total_steps=total, seeds=seeds, mfu=mfu, sweep_gpu_hours=hours)
 
@@ -120,6 +142,9 @@ def markdown(records: list[dict], meta: dict) -> str:
             "step GiB of budget", "microbatches", "TFLOP / roofline ms", "GPU-h"]
   reasons = sorted({(r["config"].split(",")[-1], r["attention"]["reason"])
                     for r in records if r["compiled"] and r["attention"]["impl"] != "cudnn"})
+  forms = {r["config"]: r["attention_gflop_per_image"] for r in records if r["compiled"]}
+  form_rows = [[name, *(f"{f.get(k, math.nan):.2f}" for k in ("counted", "cudnn", "cudnn_mla"))]
+               for name, f in forms.items() if f["cudnn"] != f["counted"]]
   return "\n".join([
       "# GPU rehearsal (deviceless compile)", "",
       f"{len(records) - len(failed)} of {len(records)} cases compiled; jax {meta['jax']}; "
@@ -133,7 +158,13 @@ def markdown(records: list[dict], meta: dict) -> str:
       f"the memory bandwidth, a lower bound. GPU-h: {meta['seeds']} seeds at {meta['mfu']:.0%} "
       "MFU.", "",
       tables.markdown_table(header, rows), "",
-      *(f"- not cuDNN ({protocol}): {reason}" for protocol, reason in reasons), ""])
+      *(f"- not cuDNN ({protocol}): {reason}" for protocol, reason in reasons), "",
+      "Attention GFLOP per image (forward + backward) of the forms that can run each "
+      "differential config: as counted (A1 - lambda A2 before one value product, the 'xla' "
+      "path), the cuDNN call as run (q/k zero-padded to 2d) and cuDNN's MLA form on Hopper "
+      "(q/k at d; compiles for the H100 here, not built: its graph is untested on a GPU).", "",
+      tables.markdown_table(["config", "counted", "cuDNN (padded)", "cuDNN MLA"], form_rows),
+      ""])
 
 
 def cases(targets_: str, protocols: str, archs: str, sizes: str) -> list[Case]:
