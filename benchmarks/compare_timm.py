@@ -120,7 +120,10 @@ class TorchStep:
       self.mixup = None
       self.loss = torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     self.autocast = m.dtype == "bfloat16"
-    self.images = torch.from_numpy(np.ascontiguousarray(host_batch["image"].transpose(0, 3, 1, 2)))
+    from diffvit_jax.data import normalise
+
+    images = normalise.model_input(host_batch["image"], config.data.mean, config.data.std)
+    self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
     self.labels = torch.from_numpy(host_batch["label"].astype(np.int64))
     del batch_size
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from diffvit_jax import config_lib
-from diffvit_jax.data import input_pipeline
+from diffvit_jax.data import input_pipeline, normalise
 from diffvit_jax.errors import ConfigError
 
 CLASSES = ("ant", "bee", "cat")
@@ -24,14 +24,13 @@ def folder(tmp_path_factory):
 
 
 def _data(root, **overrides):
-  # mean 0, std 1: image * 255 gives back the colours that name the examples.
   fields = dict(source="image_folder", dir=root, image_size=8, crop="none",
                 mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), num_workers=0)
   return config_lib.data_config(**{**fields, **overrides})
 
 
 def _ids(batch) -> list[int]:
-  return [data_fakes.colour_index(image[0, 0] * 255) for image in batch["image"]]
+  return [data_fakes.colour_index(image[0, 0]) for image in batch["image"]]
 
 
 def _take(iterator, n):
@@ -41,18 +40,25 @@ def _take(iterator, n):
 def test_train_batches_have_the_promised_layout(folder):
   batch = next(input_pipeline.create_train_iterator(_data(folder), global_batch_size=4, seed=0))
   assert set(batch) == {"image", "label"}
-  assert batch["image"].shape == (4, 8, 8, 3) and batch["image"].dtype == np.float32
+  assert batch["image"].shape == (4, 8, 8, 3) and batch["image"].dtype == np.uint8
   assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
   # Labels follow the sorted class folders: example i is in class i // 10.
   assert [i // 10 for i in _ids(batch)] == list(batch["label"])
 
 
-def test_normalisation_uses_mean_and_std(folder):
-  raw = next(input_pipeline.create_train_iterator(_data(folder), global_batch_size=2, seed=0))
+def test_batches_are_pixels_and_normalisation_uses_mean_and_std(folder):
   mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
-  normed = next(input_pipeline.create_train_iterator(
+  raw = next(input_pipeline.create_train_iterator(_data(folder), global_batch_size=2, seed=0))
+  other = next(input_pipeline.create_train_iterator(
       _data(folder, mean=mean, std=std), global_batch_size=2, seed=0))
-  np.testing.assert_allclose(normed["image"], (raw["image"] - mean) / np.array(std), atol=1e-5)
+  np.testing.assert_array_equal(other["image"], raw["image"])  # mean / std act on the device
+  normed = normalise.model_input(raw["image"], mean, std)
+  assert normed.dtype == np.float32
+  np.testing.assert_allclose(normed, (raw["image"] / 255.0 - mean) / np.array(std), atol=1e-5)
+  np.testing.assert_allclose(normalise.pixels(normed, mean, std), raw["image"] / 255.0,
+                             atol=1e-6)
+  with pytest.raises(TypeError, match="uint8"):
+    normalise.model_input(raw["image"].astype(np.int32), mean, std)
 
 
 def test_epochs_are_seeded_permutations(folder):

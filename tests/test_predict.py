@@ -6,7 +6,7 @@ from analysis_runs import run_dir, trained_runs
 from PIL import Image
 
 from diffvit_jax import models
-from diffvit_jax.data import input_pipeline, sources
+from diffvit_jax.data import input_pipeline, normalise, sources
 from diffvit_jax.evaluation import predict
 from diffvit_jax.training import checkpointing
 
@@ -43,8 +43,8 @@ def test_top5_of_a_png(runs_root, tmp_path, capsys):
   params, _, _ = checkpointing.load_for_inference(workdir)
   batch = next(iter(input_pipeline.create_eval_iterator(config.data, global_batch_size=8,
                                                         corruption="", severity=0)))
-  logits = models.build_model(config.model).apply({"params": params}, batch["image"][:1],
-                                                  train=False)
+  images = normalise.model_input(batch["image"][:1], config.data.mean, config.data.std)
+  logits = models.build_model(config.model).apply({"params": params}, images, train=False)
   expected = np.asarray(np.exp(logits[0]) / np.exp(logits[0]).sum())
   for name, prob in top:
     assert prob == pytest.approx(expected[names.index(name)], abs=1e-4)

@@ -1,6 +1,7 @@
 """The input pipeline the trainer calls: dataset info, train and eval iterators (grain).
 """
 
+import os
 from collections.abc import Iterable
 
 import grain
@@ -10,7 +11,39 @@ from diffvit_jax.data import corruptions, preprocess, sources
 from diffvit_jax.data.sources import DatasetInfo
 from diffvit_jax.errors import ConfigError, DataError
 
-__all__ = ["DatasetInfo", "create_eval_iterator", "create_train_iterator", "get_dataset_info"]
+__all__ = ["DatasetInfo", "create_eval_iterator", "create_train_iterator", "get_dataset_info",
+           "num_workers"]
+
+# Set by the sweep for each run it starts: how many runs it trains on this host at once.
+CONCURRENT_RUNS_ENV = "DIFFVIT_CONCURRENT_RUNS"
+
+
+def host_cores() -> int:
+  """CPU cores this process may run on (its affinity mask, e.g. a SLURM or cgroup cpuset)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def num_workers(data) -> int:
+  """`data.num_workers` as a count of grain worker processes (0: decode in-process).
+
+  'auto': the host's cores shared among the runs the sweep trains on it at once
+  (DIFFVIT_CONCURRENT_RUNS, 1 outside a sweep), less one core for the training
+  process itself. A number is used as it is.
+  """
+  value = data.num_workers
+  if isinstance(value, str) and value.strip() == "auto":
+    try:
+      runs = max(1, int(os.environ.get(CONCURRENT_RUNS_ENV, "1")))
+    except ValueError:
+      runs = 1
+    return max(0, host_cores() // runs - 1)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ConfigError(f"config.data.num_workers: must be 'auto' or an integer >= 0 (grain "
+                      f"worker processes; 0 decodes in the training process), got {value!r}.")
+  return value
 
 
 def get_dataset_info(data) -> DatasetInfo:
@@ -20,7 +53,9 @@ def get_dataset_info(data) -> DatasetInfo:
 
 def create_train_iterator(data, *, global_batch_size: int, seed: int, process_index: int = 0,
                           process_count: int = 1) -> grain.DatasetIterator:
-  """Infinite iterator of this host's batches {'image': f32 [b, S, S, 3], 'label': i32 [b]}.
+  """Infinite iterator of this host's batches {'image': u8 [b, S, S, 3], 'label': i32 [b]}.
+
+  Images stay uint8 pixels: the jitted steps normalise them on the device.
 
   Train: global shuffle per epoch (seeded), infinite repeat, per-example
   augmentation seeded by (seed, position in the stream), cut into global batches
@@ -55,7 +90,7 @@ def create_train_iterator(data, *, global_batch_size: int, seed: int, process_in
   # Blocks of `host_batch` consecutive examples; block g * P + p is process p's
   # part of global batch g (lazy: a process reads only its own blocks).
   ds = ds.batch(host_batch, drop_remainder=True)[process_index::process_count]
-  return iter(_to_iter_dataset(ds, data, data.num_workers))
+  return iter(_to_iter_dataset(ds, data, num_workers(data)))
 
 
 def create_eval_iterator(data, *, global_batch_size: int, process_index: int = 0,
@@ -89,8 +124,8 @@ def create_eval_iterator(data, *, global_batch_size: int, process_index: int = 0
                                 bool(data.get("corruption_jpeg", True))))
   # Clean evaluation is cheap (decode + resize only): starting worker processes
   # for every evaluation would cost more than it saves.
-  num_workers = data.num_workers if corruption else 0
-  return _to_iter_dataset(ds.batch(host_batch), data, num_workers)
+  workers = num_workers(data) if corruption else 0
+  return _to_iter_dataset(ds.batch(host_batch), data, workers)
 
 
 class PaddedShard:
@@ -117,16 +152,13 @@ class PaddedShard:
     return {"image": None, "label": 0, "mask": 0.0, "index": -1}
 
 
-def _to_iter_dataset(ds: grain.MapDataset, data, num_workers: int) -> grain.IterDataset:
-  # Normalised inside the reader threads / workers: done after them, this
-  # memory-bound pass would run on the training loop's own thread.
-  ds = ds.map(preprocess.Normalise(tuple(data.mean), tuple(data.std)))
+def _to_iter_dataset(ds: grain.MapDataset, data, workers: int) -> grain.IterDataset:
   threads = max(1, data.read_threads)
   # Elements are whole batches: a small buffer keeps memory at a few batches per process.
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
-  if num_workers > 0:
+  if workers > 0:
     _ensure_absl_flags_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return it_ds
 
 

@@ -1,4 +1,6 @@
-"""Per-example train / eval preprocessing and per-batch normalisation, as grain transforms.
+"""Per-example train / eval preprocessing, as grain transforms, on uint8 images.
+
+Normalisation is not here: the jitted steps do it on the device (`data.normalise`).
 
 Frozen dataclasses of plain values (not the ConfigDict), so that they pickle
 small and identically into every worker process.
@@ -89,19 +91,3 @@ class EvalPreprocess(grain.transforms.Map):
       image = augment.resize(image, self.image_size)
     return {"image": np.ascontiguousarray(image), "label": np.int32(element["label"]),
             "mask": np.float32(element["mask"])}
-
-
-@dataclasses.dataclass(frozen=True)
-class Normalise(grain.transforms.Map):
-  """uint8 batch -> float32 (x / 255 - mean) / std, once per batch (vectorised)."""
-
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-
-  def map(self, batch: dict) -> dict:
-    scale = 1.0 / (255.0 * np.asarray(self.std, np.float32))
-    offset = -np.asarray(self.mean, np.float32) / np.asarray(self.std, np.float32)
-    image = batch["image"].astype(np.float32)
-    image *= scale  # In place: this pass is memory-bound, temporaries cost a third more.
-    image += offset
-    return {**batch, "image": image}

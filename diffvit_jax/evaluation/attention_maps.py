@@ -32,7 +32,8 @@ CELL = 1.15  # inches per map
 
 
 def load_images(config, num_images: int):
-  """The first `num_images` validation images, normalised as for evaluation, and labels."""
+  """The first `num_images` validation images (uint8 pixels, as evaluation reads them) and
+  their labels."""
   from diffvit_jax.data import input_pipeline
 
   batch = next(iter(input_pipeline.create_eval_iterator(
@@ -42,10 +43,10 @@ def load_images(config, num_images: int):
 
 
 def unnormalise(images, data_config) -> np.ndarray:
-  """Normalised float images -> RGB in [0, 1] for display."""
-  mean = np.asarray(data_config.mean, np.float32)
-  std = np.asarray(data_config.std, np.float32)
-  return np.clip(images * std + mean, 0.0, 1.0)
+  """uint8 pixels or normalised float images -> RGB in [0, 1] for display."""
+  from diffvit_jax.data import normalise
+
+  return normalise.pixels(images, data_config.mean, data_config.std)
 
 
 def pool_queries(attn: np.ndarray, pool: str, grid: int) -> np.ndarray:
@@ -209,7 +210,7 @@ def write_attention_maps(workdir: str, out_dir: str = "", num_images: int = 4,
   import jax
 
   from diffvit_jax import models
-  from diffvit_jax.data import input_pipeline
+  from diffvit_jax.data import input_pipeline, normalise
   from diffvit_jax.models import registry
   from diffvit_jax.reporting import plots
   from diffvit_jax.training import checkpointing
@@ -219,7 +220,8 @@ def write_attention_maps(workdir: str, out_dir: str = "", num_images: int = 4,
   params, config, step = checkpointing.load_for_inference(workdir, best=best)
   out_dir = out_dir or os.path.join(workdir, "attention_maps")
   os.makedirs(out_dir, exist_ok=True)
-  images, labels = load_images(config, num_images)
+  pixels, labels = load_images(config, num_images)
+  images = normalise.model_input(pixels, config.data.mean, config.data.std)
   grid = config.data.image_size // config.model.patch_size
   layers = pooled_maps(config.model, params, images, grid)
   logits = models.build_model(config.model).apply({"params": params}, images, train=False)
@@ -229,7 +231,7 @@ def write_attention_maps(workdir: str, out_dir: str = "", num_images: int = 4,
   arch = registry.label(config.model.arch)
   query = ("class-token attention" if config.model.pool == "cls"
            else "attention averaged over queries")
-  shown = unnormalise(images, config.data)
+  shown = unnormalise(pixels, config.data)
   paths, titles = [], []
   for i in range(len(images)):
     pred = int(probs[i].argmax())

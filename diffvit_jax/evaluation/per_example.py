@@ -22,13 +22,15 @@ import numpy as np
 import optax
 
 from diffvit_jax import files
+from diffvit_jax.data import normalise
 from diffvit_jax.errors import DataError
 
 PER_EXAMPLE = "per_example.npz"
 
 
-def _correctness(state, batch, *, num_classes: int):
-  logits = state.apply_fn({"params": state.params}, batch["image"], train=False)
+def _correctness(state, batch, *, num_classes: int, mean, std):
+  images = normalise.model_input(batch["image"], mean, std)  # uint8 pixels, as eval_step
+  logits = state.apply_fn({"params": state.params}, images, train=False)
   labels = batch["label"]
   top = jax.lax.top_k(logits, min(5, num_classes))[1]
   return dict(index=batch["index"], label=labels, mask=batch["mask"],
@@ -47,7 +49,8 @@ def evaluate_per_example(state, config, mesh) -> dict[str, np.ndarray]:
 
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  step = jax.jit(functools.partial(_correctness, num_classes=config.model.num_classes),
+  step = jax.jit(functools.partial(_correctness, num_classes=config.model.num_classes,
+                                   mean=tuple(config.data.mean), std=tuple(config.data.std)),
                  in_shardings=(replicated, data), out_shardings=replicated)
   parts = []
   process, processes = jax.process_index(), jax.process_count()

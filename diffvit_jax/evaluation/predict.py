@@ -27,8 +27,8 @@ flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 
 def load_image(path: str, data_config) -> np.ndarray:
-  """One image file -> float32 [S, S, 3], as the evaluation pipeline makes it."""
-  from diffvit_jax.data import images, preprocess
+  """One image file -> the model's float32 [S, S, 3] input, as evaluation makes it."""
+  from diffvit_jax.data import images, normalise, preprocess
 
   try:
     pixels = images.read(path)
@@ -36,8 +36,7 @@ def load_image(path: str, data_config) -> np.ndarray:
     raise DataError(f"Cannot read {path} as an image ({type(e).__name__}: {e}).") from e
   resized = preprocess.EvalPreprocess(data_config.image_size).map(
       {"image": pixels, "label": 0, "mask": 1.0})
-  normalise = preprocess.Normalise(tuple(data_config.mean), tuple(data_config.std))
-  return normalise.map({"image": resized["image"][None]})["image"][0]
+  return normalise.model_input(resized["image"], data_config.mean, data_config.std)
 
 
 def class_names(data_config, num_classes: int) -> list[str]:

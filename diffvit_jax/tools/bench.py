@@ -68,10 +68,11 @@ def peak_flops_per_device(device_kind: str, dtype: str) -> float | None:
 
 
 def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict:
-  """A host batch shaped like the input pipeline's: normalised float32 images and int32 labels."""
+  """A host batch as the input pipeline gives it (`trainer.batch_spec`): uint8 images, int32
+  labels."""
   rng = np.random.default_rng(seed)
   size = config.data.image_size
-  return {"image": rng.standard_normal((batch_size, size, size, 3), dtype=np.float32),
+  return {"image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
           "label": rng.integers(0, config.model.num_classes, batch_size, dtype=np.int32)}
 
 

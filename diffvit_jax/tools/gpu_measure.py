@@ -165,20 +165,21 @@ def time_pipeline(config, root: pathlib.Path, num_images: int, num_workers: int,
 
 
 def learnable_batches(num_classes: int, image_size: int, batch_size: int, seed: int = 0):
-  """Endless batches whose class sets a colour and a stripe pattern, plus noise."""
+  """Endless uint8 batches whose class sets a colour and a stripe pattern, plus noise."""
   rng = np.random.default_rng(seed)
   colours = rng.standard_normal((num_classes, 1, 1, 3)).astype(np.float32)
   ys, xs = np.mgrid[:image_size, :image_size] / image_size
   angles, freqs = rng.uniform(0, np.pi, num_classes), rng.uniform(2, 6, num_classes)
   patterns = np.stack([np.sin(2 * np.pi * f * (np.cos(a) * xs + np.sin(a) * ys))
                        for a, f in zip(angles, freqs, strict=True)])[..., None]
-  prototypes = (colours + patterns).astype(np.float32)
+  # Pixels around mid-grey, about one standard deviation of a photo per unit.
+  prototypes = (128 + 40 * (colours + patterns)).astype(np.float32)
   # Noise drawn once: fresh noise per step would make the host, not the step, set the pace.
-  noise = 0.5 * rng.standard_normal((4 * batch_size, image_size, image_size, 3), np.float32)
+  noise = 20 * rng.standard_normal((4 * batch_size, image_size, image_size, 3), np.float32)
   while True:
     labels = rng.integers(0, num_classes, batch_size).astype(np.int32)
-    yield {"image": prototypes[labels] + noise[rng.integers(0, len(noise), batch_size)],
-           "label": labels}
+    image = prototypes[labels] + noise[rng.integers(0, len(noise), batch_size)]
+    yield {"image": np.clip(image, 0, 255).astype(np.uint8), "label": labels}
 
 
 def train_on_learnable(config, num_steps: int, num_classes: int = 10) -> dict:

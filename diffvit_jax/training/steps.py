@@ -1,7 +1,8 @@
 """The pure train and eval steps, and the state they carry.
 
 Nothing here does IO or imports TensorFlow, so the benchmark and the GPU
-machine can use exactly the step that training uses.
+machine can use exactly the step that training uses. Batches arrive as uint8
+pixels; the steps normalise them (`data.normalise`) and mix them on the device.
 """
 # No `from __future__ import annotations`: clu.metrics.Collection needs real
 # annotations to find its metrics.
@@ -15,6 +16,7 @@ import optax
 from clu import metrics
 from flax.training import train_state
 
+from diffvit_jax.data import normalise
 from diffvit_jax.models import dropout as dropout_lib
 from diffvit_jax.training import optim
 
@@ -104,15 +106,17 @@ def _cutmix_box_mask(rng, lam, height, width):
 
 
 def mix_batch(rng, images, targets, *, mixup_alpha: float, cutmix_alpha: float,
-              mix_prob: float):
+              mix_prob: float, to_input=lambda x: x):
   """Mixup or CutMix (one of them per batch when both are on, as timm does).
 
   Each example is mixed with its mirror in the batch (`flip` over the batch
   axis), so no second batch is needed; the targets are mixed with the area /
-  weight actually used.
+  weight actually used. `to_input` turns `images` (e.g. uint8 pixels) into the
+  model's input: the mirror is taken before it, so the partners that cross
+  devices are the compact pixels, and both sides are converted before mixing.
   """
   if mixup_alpha <= 0 and cutmix_alpha <= 0:
-    return images, targets
+    return to_input(images), targets
   choice_rng, mixup_rng, cutmix_rng, box_rng, apply_rng = jax.random.split(rng, 5)
   height, width = images.shape[1:3]
   partner_images, partner_targets = jnp.flip(images, 0), jnp.flip(targets, 0)
@@ -128,6 +132,7 @@ def mix_batch(rng, images, targets, *, mixup_alpha: float, cutmix_alpha: float,
   keep = jnp.where(use_cutmix, 1.0 - box, jnp.full_like(box, lam_mixup))
   keep = jnp.where(jax.random.bernoulli(apply_rng, mix_prob), keep, jnp.ones_like(keep))
   lam = keep.mean()
+  images, partner_images = to_input(images), to_input(partner_images)
   keep = keep[None, :, :, None].astype(images.dtype)
   mixed_images = images * keep + partner_images * (1 - keep)
   mixed_targets = targets * lam + partner_targets * (1 - lam)
@@ -142,17 +147,17 @@ def smooth_targets(labels, num_classes: int, label_smoothing: float):
   return smooth_distribution(jax.nn.one_hot(labels, num_classes), label_smoothing)
 
 
-def training_targets(rng, batch, *, train_config, num_classes: int):
-  """(images, targets, dominant class) the loss and train accuracy see.
+def training_targets(rng, batch, *, train_config, num_classes: int, to_input=lambda x: x):
+  """(model input, targets, dominant class) the loss and train accuracy see.
 
   Mixing comes before smoothing (the two commute: mixing weights sum to 1),
   so the dominant class is read off the mixed one-hot targets, where a
-  smoothing of 1 cannot make every class tie.
+  smoothing of 1 cannot make every class tie. `to_input`: see `mix_batch`.
   """
   images, mixed = mix_batch(rng, batch["image"], jax.nn.one_hot(batch["label"], num_classes),
                             mixup_alpha=train_config.mixup_alpha,
                             cutmix_alpha=train_config.cutmix_alpha,
-                            mix_prob=train_config.mix_prob)
+                            mix_prob=train_config.mix_prob, to_input=to_input)
   targets = smooth_distribution(mixed, train_config.label_smoothing)
   return images, targets, jnp.argmax(mixed, -1)
 
@@ -174,17 +179,19 @@ def train_step(state: TrainState, batch, *, config, learning_rate_fn, microbatch
                microbatch_sharding=None):
   """One AdamW step on a globally sharded batch; returns the new state and metrics.
 
-  Mixing is drawn over the whole batch; with `microbatches` > 1 the gradient of
-  the mean loss is accumulated over strided microbatches (`lax.scan`), each
-  example keeping its dropout and drop-path masks, so the update is the
-  whole-batch update up to float rounding. `microbatch_sharding` lays out the
+  The batch's uint8 images are normalised here (config.data.mean / std). Mixing
+  is drawn over the whole batch; with `microbatches` > 1 the gradient of the
+  mean loss is accumulated over strided microbatches (`lax.scan`), each example
+  keeping its dropout and drop-path masks, so the update is the whole-batch
+  update up to float rounding. `microbatch_sharding` lays out the
   [microbatches, B / microbatches, ...] split (batch axis over 'data').
   """
   tcfg = config.train
   step_rng = jax.random.fold_in(state.rng, state.step)
   mix_rng, dropout_rng = jax.random.split(step_rng)
-  images, targets, dominant = training_targets(mix_rng, batch, train_config=tcfg,
-                                               num_classes=config.model.num_classes)
+  images, targets, dominant = training_targets(
+      mix_rng, batch, train_config=tcfg, num_classes=config.model.num_classes,
+      to_input=_to_input(config.data))
 
   def loss_and_grads(params, images, targets, dominant, offset):
     def loss_fn(params):
@@ -227,14 +234,21 @@ def train_step(state: TrainState, batch, *, config, learning_rate_fn, microbatch
   return new_state, step_metrics
 
 
-def eval_step(state: TrainState, batch, *, num_classes: int):
-  logits = state.apply_fn({"params": state.params}, batch["image"], train=False)
+def _to_input(data_config):
+  return functools.partial(normalise.model_input, mean=tuple(data_config.mean),
+                           std=tuple(data_config.std))
+
+
+def eval_step(state: TrainState, batch, *, num_classes: int, data_config):
+  images = _to_input(data_config)(batch["image"])
+  logits = state.apply_fn({"params": state.params}, images, train=False)
   labels = batch["label"]
   loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, num_classes))
   top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
   return EvalMetrics.single_from_model_output(
       loss=loss, top1=(top5[:, 0] == labels).astype(jnp.float32),
       top5=(top5 == labels[:, None]).any(-1).astype(jnp.float32), mask=batch["mask"])
+
 
 def jit_steps(config, mesh, total_steps: int, *, num_train_examples: int | None = None,
               microbatches: int = 1):
@@ -257,6 +271,7 @@ def jit_steps(config, mesh, total_steps: int, *, num_train_examples: int | None 
       in_shardings=(replicated, data), out_shardings=(replicated, replicated),
       donate_argnums=0)
   evaluate = jax.jit(
-      functools.partial(eval_step, num_classes=config.model.num_classes),
+      functools.partial(eval_step, num_classes=config.model.num_classes,
+                        data_config=config.data),
       in_shardings=(replicated, data), out_shardings=replicated)
   return train, evaluate
