@@ -124,65 +124,143 @@ def _xla_attention(query, key, value, scale, lam, chunk_bytes):
   if lam is None:
     value = repeat_heads(value, heads)
   lam = _pairs_layout(lam)
-  sizes = dict(bytes_per_example=4 * heads * tokens * key.shape[1], chunk_bytes=chunk_bytes)
-  if lam is not None and jnp.ndim(lam):  # per token: chunked with the batch
-    out = batch_chunked(functools.partial(_flash, scale=scale), query, key, value, lam, **sizes)
+  # Heads-major [B, N, T, h] (small copies): each product below is then a plain batched
+  # matmul whose [T, S] operand needs no transpose.
+  query, key, value = (_heads_major(x) for x in (query, key, value))
+  sizes = dict(bytes_per_example=4 * heads * tokens * key.shape[2], chunk_bytes=chunk_bytes)
+  if lam is None:
+    out = batch_chunked(lambda q, k, v: _flash_classic(q, k, v, scale), query, key, value,
+                        **sizes)
+    return _heads_major(out).astype(value.dtype)
+  if jnp.ndim(lam):  # per token: chunked with the batch
+    out = batch_chunked(functools.partial(_flash_differential, scale=scale), query, key, value,
+                        lam, **sizes)
   else:
-    out = batch_chunked(lambda q, k, v: _flash(q, k, v, lam, scale), query, key, value, **sizes)
-  return out if lam is not None else out.astype(value.dtype)
+    out = batch_chunked(lambda q, k, v: _flash_differential(q, k, v, lam, scale), query, key,
+                        value, **sizes)
+  return _heads_major(out)
+
+
+def _heads_major(x):
+  """[B, T, N, h] <-> [B, N, T, h]."""
+  return jnp.transpose(x, (0, 2, 1, 3))
+
+
+def _scores(query, key):
+  """q k^T, unscaled, float32: [B, N, T, h] x [B, N, S, h] -> [B, N, T, S]."""
+  return jnp.einsum("bnth,bnsh->bnts", query, key, preferred_element_type=jnp.float32)
+
+
+def _times(weights, value):
+  """weights [B, M, T, S] times value [B, M, S, h] -> [B, M, T, h], float32."""
+  return jnp.einsum("bmts,bmsh->bmth", weights.astype(value.dtype), value,
+                    preferred_element_type=jnp.float32)
+
+
+def _transposed_times(weights, rows, scale=1.0):
+  """scale weights^T rows ([B, M, T, S], [B, M, T, h] -> [B, M, S, h]), float32.
+
+  Written as (scale rows^T weights)^T: with the transposes on the small
+  operands, XLA:CPU runs it in its fast dot library rather than its generic dot
+  (the scale between product and transpose keeps XLA from folding them back).
+  """
+  rows = jnp.swapaxes(rows, 2, 3).astype(weights.dtype)
+  product = jnp.einsum("bmht,bmts->bmhs", rows, weights, preferred_element_type=jnp.float32)
+  return jnp.swapaxes(product * scale, 2, 3)
+
+
+def _softmax_stats(scores, scale):
+  """(exp(scale (s - max s)), its row sum, log-sum-exp of scale s), all float32.
+
+  `scale` (> 0) is applied inside the exponential, so no scaled copy of the
+  [B, N, T, S] scores is made.
+  """
+  peak = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+  unnormalised = jnp.exp((scores - peak) * scale)
+  total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+  return unnormalised, total, peak * scale + jnp.log(total)
+
+
+def _probs(query, key, scale, log_total):
+  """A = softmax(scale q k^T) again from the forward pass's log-sum-exp."""
+  return jnp.exp(_scores(query, key) * scale - log_total)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash_classic(query, key, value, scale):
+  """A v for heads-major q, k, v of equal heads, float32, with a flash-style backward pass.
+
+  Autodiff of the plain form keeps several [B, N, T, S] tensors per layer; this
+  keeps q, k, v, the output and the log-sum-exp, and recomputes A once in the
+  backward pass. The forward pass normalises the [T, h] output rather than
+  the [T, S] weights.
+  """
+  return _flash_classic_fwd(query, key, value, scale)[0]
+
+
+def _flash_classic_fwd(query, key, value, scale):
+  unnormalised, total, log_total = _softmax_stats(_scores(query, key), scale)
+  out = _times(unnormalised, value) / total
+  return out, (query, key, value, out, log_total)
+
+
+def _flash_classic_bwd(scale, residuals, dout):
+  query, key, value, out, log_total = residuals
+  probs = _probs(query, key, scale, log_total)
+  dvalue = _transposed_times(probs.astype(value.dtype), dout.astype(value.dtype))
+  dprobs = jnp.einsum("bnth,bnsh->bnts", dout.astype(value.dtype), value,
+                      preferred_element_type=jnp.float32)
+  # sum_s dA_ts A_ts = dout_t . out_t: the softmax backward's row sums from [T, h] tensors.
+  rows = jnp.sum(dout * out, axis=-1, keepdims=True)
+  return _scores_backward(query, key, probs, dprobs, rows, scale) + (dvalue.astype(value.dtype),)
+
+
+def _scores_backward(query, key, probs, dprobs, rows, scale):
+  """(dq, dk) from the probabilities' cotangent; `rows` = sum_s dprobs * probs."""
+  dscores = (probs * (dprobs - rows)).astype(query.dtype)
+  dquery = jnp.einsum("bnts,bnsh->bnth", dscores, key, preferred_element_type=jnp.float32)
+  dkey = _transposed_times(dscores, query, scale)
+  return (dquery * scale).astype(query.dtype), dkey.astype(key.dtype)
+
+
+_flash_classic.defvjp(_flash_classic_fwd, _flash_classic_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(query, key, value, lam, scale):
-  """_values(_mix(A, lam), v) with equal q/k heads, float32, and a flash-style backward pass.
+def _flash_differential(query, key, value, lam, scale):
+  """(A_{2h} - lambda A_{2h+1}) v_h for heads-major q, k (2H heads) and v (H), float32.
 
-  Autodiff of the plain form keeps several [B, N, T, S] tensors per layer; this
-  keeps q, k, v, lambda and the log-sum-exp, and recomputes A once in the
-  backward pass.
+  The flash-style backward pass of `_flash_classic`, keeping q, k, v, lambda
+  and the log-sum-exp.
   """
-  return _flash_fwd(query, key, value, lam, scale)[0]
+  return _flash_differential_fwd(query, key, value, lam, scale)[0]
 
 
-def _flash_probs(query, key, scale, log_total=None):
-  logits = _logits(query, key, scale)
-  if log_total is None:
-    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    unnormalised = jnp.exp(logits - peak)
-    total = jnp.sum(unnormalised, axis=-1, keepdims=True)
-    return unnormalised / total, peak + jnp.log(total)
-  return jnp.exp(logits - log_total), log_total
-
-
-def _flash_fwd(query, key, value, lam, scale):
-  probs, log_total = _flash_probs(query, key, scale)
-  out = _values(_mix(probs, lam), value, preferred_element_type=jnp.float32)
+def _flash_differential_fwd(query, key, value, lam, scale):
+  unnormalised, total, log_total = _softmax_stats(_scores(query, key), scale)
+  out = _times(_mix(unnormalised / total, lam), value)
   return out, (query, key, value, lam, log_total)
 
 
-def _flash_bwd(scale, residuals, dout):
+def _flash_differential_bwd(scale, residuals, dout):
   query, key, value, lam, log_total = residuals
-  probs, _ = _flash_probs(query, key, scale, log_total)
+  probs = _probs(query, key, scale, log_total)
   dout = dout.astype(value.dtype)
-  dvalue = jnp.einsum("bmts,btmd->bsmd", _mix(probs, lam).astype(value.dtype), dout,
-                      preferred_element_type=jnp.float32)
-  dweights = jnp.einsum("btmd,bsmd->bmts", dout, value, preferred_element_type=jnp.float32)
-  dlam = None
-  if lam is None:
-    dprobs = dweights
-  else:
-    second = probs.reshape(dweights.shape[:2] + (2,) + dweights.shape[2:])[:, :, 1]
-    dlam = -dweights * second
-    dlam = (jnp.sum(dlam) if jnp.ndim(lam) == 0 else jnp.sum(dlam, -1, keepdims=True))
-    dlam = dlam.astype(lam.dtype)
-    dprobs = jnp.stack([dweights, -lam * dweights], axis=2).reshape(probs.shape)
-  dlogits = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True)) * scale
-  dlogits = dlogits.astype(query.dtype)
-  dquery = jnp.einsum("bnts,bsnh->btnh", dlogits, key, preferred_element_type=jnp.float32)
-  dkey = jnp.einsum("bnts,btnh->bsnh", dlogits, query, preferred_element_type=jnp.float32)
-  return dquery.astype(query.dtype), dkey.astype(key.dtype), dvalue.astype(value.dtype), dlam
+  dvalue = _transposed_times(_mix(probs, lam).astype(value.dtype), dout)
+  dweights = jnp.einsum("bmth,bmsh->bmts", dout, value, preferred_element_type=jnp.float32)
+  second = probs.reshape(dweights.shape[:2] + (2,) + dweights.shape[2:])[:, :, 1]
+  dlam = -dweights * second
+  dlam = (jnp.sum(dlam) if jnp.ndim(lam) == 0 else jnp.sum(dlam, -1, keepdims=True))
+  # dA_{2h} = dW_h, dA_{2h+1} = -lambda dW_h: a broadcast product XLA fuses into its users.
+  lam_rows = lam if jnp.ndim(lam) else jnp.reshape(lam, (1, 1))  # [..., T or 1, 1]
+  signs = jnp.stack([jnp.ones_like(lam_rows), -lam_rows], axis=-3)
+  dprobs = (dweights[:, :, None] * signs).reshape(probs.shape)
+  rows = jnp.sum(dprobs * probs, axis=-1, keepdims=True)
+  dquery, dkey = _scores_backward(query, key, probs, dprobs, rows, scale)
+  return dquery, dkey, dvalue.astype(value.dtype), dlam.astype(lam.dtype)
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash_differential.defvjp(_flash_differential_fwd, _flash_differential_bwd)
 
 
 def differential_cudnn(query, key, value, lam, scale: float, *,
