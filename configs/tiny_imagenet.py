@@ -50,6 +50,9 @@ def get_config(arg: str = "vit_10m"):
   config.model = config_lib.model_config(arch=arch, num_classes=200, dtype="bfloat16",
                                          **config_lib.MODEL_SIZES[size])
   config.data.source = "tiny_imagenet"
+  # Decoding workers from the host's cores, shared among the sweep's concurrent runs; the
+  # per-core rates against what each GPU needs are in benchmarks/RESULTS.md.
+  config.data.num_workers = "auto"
   config.train.num_epochs = 50.0
   config.train.eval_every = 500
   config.train.checkpoint_every = 500
@@ -67,7 +70,7 @@ def get_config(arg: str = "vit_10m"):
     # No augmentation, no label smoothing, no mixing: the study had none.
   else:
     config.data.update(image_size=96, crop="random_resized", crop_scale_min=0.35, flip=True,
-                       randaugment="rand-m9-mstd0.5-inc1", num_workers=8)
+                       randaugment="rand-m9-mstd0.5-inc1")
     config.model.update(patch_size=4, pool="gap", posemb="learn", norm="layernorm",
                         attn_bias=True, diff_head_norm="rmsnorm", dropout=0.0,
                         stoch_depth=0.1)

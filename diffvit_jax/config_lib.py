@@ -8,8 +8,9 @@ entry there is a valid config value here.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
-from diffvit_jax.data import augment, corruptions, sharding, sources
+from diffvit_jax.data import augment, corruptions, input_pipeline, sharding, sources
 from diffvit_jax.errors import ConfigError, did_you_mean
 from diffvit_jax.models import attention_impl, norms, posemb, precision, registry
 
@@ -89,7 +90,9 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
   # published Tiny-ImageNet-C file did; False gives the corruption alone.
   d.corruption_jpeg = True
   d.on_bad_image = "skip"  # image_folder: 'skip' (count and warn) | 'error'
-  d.num_workers = 0  # grain worker processes (0 = in-process)
+  # grain worker processes: a count (0 = decode in the training process) or 'auto', the
+  # host's cores shared among the sweep's concurrent runs less one (input_pipeline.num_workers).
+  d.num_workers = config_dict.FieldReference(0, field_type=object)
   # Threads per process (main or worker), each assembling a whole batch; PIL and
   # numpy release the GIL, so 2 keep a core busy while the other waits on I/O.
   d.read_threads = 2
@@ -320,6 +323,7 @@ def validate(config, *, mode: str = "train", num_devices: int | None = None) -> 
          "margin in points of top-1 between 0 and 100, e.g. 1.0.")
   if not 0 < config.analysis.alpha < 0.5:
     fail("analysis.alpha", f"{config.analysis.alpha!r}: expected a level in (0, 0.5), e.g. 0.05.")
+  input_pipeline.num_workers(d)  # ConfigError unless 'auto' or a count
   if d.randaugment:
     augment.parse_randaugment(d.randaugment, field="data.randaugment")
   if d.train_corruption:

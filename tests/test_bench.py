@@ -74,11 +74,27 @@ def test_importing_bench_does_not_import_tensorflow():
 @pytest.mark.parametrize("kind, dtype, peak", [
     ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4e12),
     ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+    ("NVIDIA H100 NVL", "bfloat16", 835e12),
     ("NVIDIA H200", "float32", 494.7e12),
+    ("NVIDIA H200 NVL", "bfloat16", 835e12),
+    ("NVIDIA GH200 480GB", "bfloat16", 989.4e12),
     ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
+    ("NVIDIA A100-SXM4-40GB", "float32", 156e12),
+    ("NVIDIA A100-PCIE-40GB", "bfloat16", 312e12),
+    ("NVIDIA A100 80GB PCIe", "bfloat16", 312e12),
+    ("NVIDIA GeForce RTX 4090", "bfloat16", 165.2e12),
+    ("NVIDIA GeForce RTX 4090", "float32", 82.6e12),
+    ("NVIDIA RTX 6000 Ada Generation", "bfloat16", 364.2e12),
+    ("NVIDIA L40", "bfloat16", 181e12),  # not the L4's 121 (a substring rule's answer)
+    ("NVIDIA L40S", "bfloat16", 362e12),
     ("NVIDIA L4", "bfloat16", 121e12),
+    ("NVIDIA A10", "bfloat16", 125e12),
+    ("NVIDIA A10G", "bfloat16", 70e12),  # not the A10's 125
+    ("TPU v5 lite", "bfloat16", 197e12),
     ("cpu", "float32", None),
     ("NVIDIA GeForce GTX 1080", "bfloat16", None),
+    ("NVIDIA GeForce RTX 4090 D", "bfloat16", None),  # another card: no guess
+    ("NVIDIA L4", "float16", None),
 ])
 def test_peak_flops_table(kind, dtype, peak):
   assert bench.peak_flops_per_device(kind, dtype) == peak

@@ -61,6 +61,21 @@ def test_batches_are_pixels_and_normalisation_uses_mean_and_std(folder):
     normalise.model_input(raw["image"].astype(np.int32), mean, std)
 
 
+def test_num_workers_auto_shares_the_host_cores_among_the_sweeps_runs(monkeypatch):
+  monkeypatch.setattr(input_pipeline, "host_cores", lambda: 16)
+  monkeypatch.delenv(input_pipeline.CONCURRENT_RUNS_ENV, raising=False)
+  auto = config_lib.data_config(num_workers="auto")
+  assert input_pipeline.num_workers(auto) == 15  # one core left to the training process
+  monkeypatch.setenv(input_pipeline.CONCURRENT_RUNS_ENV, "4")  # what the sweep sets
+  assert input_pipeline.num_workers(auto) == 3
+  monkeypatch.setattr(input_pipeline, "host_cores", lambda: 2)
+  assert input_pipeline.num_workers(auto) == 0  # no core to spare: decode in-process
+  assert input_pipeline.num_workers(config_lib.data_config(num_workers=5)) == 5  # a number wins
+  for bad in ("many", -1, 2.5):
+    with pytest.raises(ConfigError, match="num_workers"):
+      input_pipeline.num_workers(config_lib.data_config(num_workers=bad))
+
+
 def test_epochs_are_seeded_permutations(folder):
   it = input_pipeline.create_train_iterator(_data(folder), global_batch_size=5, seed=3)
   epoch1 = sum((_ids(b) for b in _take(it, 6)), [])

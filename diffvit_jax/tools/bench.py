@@ -33,38 +33,49 @@ from diffvit_jax.errors import UserError
 from diffvit_jax.models import attention_impl, stats
 from diffvit_jax.training import trainer as trainer_lib
 
-# Peak dense (no sparsity) TFLOP/s per device from the vendors' data sheets,
-# by compute dtype. 'float32' is what float32 matmuls run at under JAX's
-# default precision: TF32 tensor cores on NVIDIA Ampere and later, one bf16
-# pass on TPUs. Keys are matched as substrings of the lower-cased
-# `device.device_kind`, first match wins (so more specific names come first).
-PEAK_TFLOPS = (
-    ("h100 pcie", {"bfloat16": 756.0, "float32": 378.0}),
-    ("h100 nvl", {"bfloat16": 835.0, "float32": 417.5}),
-    ("h100", {"bfloat16": 989.4, "float32": 494.7}),  # SXM: "NVIDIA H100 80GB HBM3"
-    ("gh200", {"bfloat16": 989.4, "float32": 494.7}),  # before "h200", a substring of it
-    ("h200 nvl", {"bfloat16": 835.0, "float32": 417.5}),
-    ("h200", {"bfloat16": 989.4, "float32": 494.7}),
-    ("b200", {"bfloat16": 2250.0, "float32": 1100.0}),
-    ("a100", {"bfloat16": 312.0, "float32": 156.0}),
-    ("l40s", {"bfloat16": 362.0, "float32": 183.0}),
-    ("l4", {"bfloat16": 121.0, "float32": 60.0}),
-    ("a10", {"bfloat16": 125.0, "float32": 62.5}),
-    ("tpu v4", {"bfloat16": 275.0, "float32": 275.0}),
-    ("tpu v5 lite", {"bfloat16": 197.0, "float32": 197.0}),
-    ("tpu v5p", {"bfloat16": 459.0, "float32": 459.0}),
-    ("tpu v5", {"bfloat16": 459.0, "float32": 459.0}),
-    ("tpu v6 lite", {"bfloat16": 918.0, "float32": 918.0}),
-)
+# Peak dense (no sparsity) TFLOP/s per device from the vendors' data sheets, by compute
+# dtype, keyed by the exact `device.device_kind` (CUDA's device name): a substring rule
+# would give an L40 the L4's peak. 'bfloat16' is with float32 accumulation (what XLA asks
+# for; GeForce cards run it at half their float16-accumulate rate). 'float32' is what
+# float32 matmuls run at under JAX's default precision: TF32 tensor cores on NVIDIA Ampere
+# and later, one bf16 pass on TPUs. A kind not listed has no MFU (None), never a guess.
+_H100_SXM = {"bfloat16": 989.4, "float32": 494.7}
+_NVL = {"bfloat16": 835.0, "float32": 417.5}
+_A100 = {"bfloat16": 312.0, "float32": 156.0}
+PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": _H100_SXM,  # SXM5
+    "NVIDIA H100 80GB HBM3e": _H100_SXM,
+    "NVIDIA H100 PCIe": {"bfloat16": 756.0, "float32": 378.0},
+    "NVIDIA H100 NVL": _NVL,
+    "NVIDIA H200": _H100_SXM,  # SXM: the H100's compute, more memory
+    "NVIDIA H200 NVL": _NVL,
+    "NVIDIA GH200 480GB": _H100_SXM,
+    "NVIDIA GH200 144G HBM3e": _H100_SXM,
+    "NVIDIA B200": {"bfloat16": 2250.0, "float32": 1100.0},
+    "NVIDIA A100-SXM4-40GB": _A100,
+    "NVIDIA A100-SXM4-80GB": _A100,
+    "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA A100 80GB PCIe": _A100,
+    "NVIDIA GeForce RTX 4090": {"bfloat16": 165.2, "float32": 82.6},  # Ada whitepaper
+    "NVIDIA RTX 6000 Ada Generation": {"bfloat16": 364.2, "float32": 182.1},
+    "NVIDIA L40": {"bfloat16": 181.0, "float32": 90.5},
+    "NVIDIA L40S": {"bfloat16": 362.0, "float32": 183.0},
+    "NVIDIA L4": {"bfloat16": 121.0, "float32": 60.0},
+    "NVIDIA A10": {"bfloat16": 125.0, "float32": 62.5},
+    # No NVIDIA data sheet: AWS's A10G, 80 SMs at 1.71 GHz at GA102's float32-accumulate rate.
+    "NVIDIA A10G": {"bfloat16": 70.0, "float32": 35.0},
+    "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
+    "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},
+    "TPU v5": {"bfloat16": 459.0, "float32": 459.0},  # v5p
+    "TPU v5p": {"bfloat16": 459.0, "float32": 459.0},
+    "TPU v6 lite": {"bfloat16": 918.0, "float32": 918.0},
+}
 
 
 def peak_flops_per_device(device_kind: str, dtype: str) -> float | None:
-  """Peak dense FLOP/s of one device of `device_kind` at `dtype`, or None if unknown."""
-  kind = device_kind.lower()
-  for key, peaks in PEAK_TFLOPS:
-    if key in kind:
-      return peaks[dtype] * 1e12 if dtype in peaks else None
-  return None
+  """Peak dense FLOP/s of one device of `device_kind` (exact name) at `dtype`, or None."""
+  peaks = PEAK_TFLOPS.get(device_kind.strip(), {})
+  return peaks[dtype] * 1e12 if dtype in peaks else None
 
 
 def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict:
@@ -121,6 +132,14 @@ def bench_step(config, batch_size: int, num_steps: int, warmup: int, repeats: in
   mesh = sharding.make_mesh()
   start = time.perf_counter()
   trainer, batch = build_train_step(config, batch_size, mesh)  # compiles the step
+  return time_trainer(trainer, batch, config, num_steps, warmup, repeats, start)
+
+
+def time_trainer(trainer, batch, config, num_steps: int, warmup: int, repeats: int,
+                 start: float) -> dict:
+  """`bench_step`'s timing of a built trainer on `batch`; `start`: when its build began."""
+  batch_size = config.train.batch_size
+  mesh = trainer.mesh
   train_step, state = trainer.train_step, trainer.state
   state, _ = train_step(state, batch)
   jax.block_until_ready(state)
@@ -169,7 +188,8 @@ def bench_pipeline(config, batch_size: int, num_batches: int, warmup: int, repea
   host_batch = batch_size // jax.process_count()
   return dict(step_ms=round(1e3 * batch_s, 3), images_per_sec=round(host_batch / batch_s, 2),
               compile_s=round(startup_s, 3), mfu=None, source=config.data.source,
-              num_workers=config.data.num_workers, read_threads=config.data.read_threads)
+              num_workers=input_pipeline.num_workers(config.data),
+              read_threads=config.data.read_threads)
 
 
 def run(config, *, batch_size: int | None, num_steps: int, warmup: int, repeats: int,

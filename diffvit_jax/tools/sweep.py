@@ -470,8 +470,13 @@ def _model_key(config) -> str:
 
 
 def plan_models(runs: list[Job], configs: dict, overrides: list[str], slot: Slot,
-                python: str, need_data: bool) -> dict[int, dict]:
-  """run index -> its model's plan (tools/sweep_plan.py in a process on `slot`'s devices)."""
+                python: str, need_data: bool, root: str = "") -> dict[int, dict]:
+  """run index -> its model's plan (tools/sweep_plan.py in a process on `slot`'s devices).
+
+  With `root`, the plan compiles into the sweep's compilation cache, where the runs find it.
+  """
+  from diffvit_jax import compilation_cache
+
   keys, spec = {}, {}
   for run in runs:
     key = keys[run.index] = _model_key(configs[run.index])
@@ -480,7 +485,7 @@ def plan_models(runs: list[Job], configs: dict, overrides: list[str], slot: Slot
                                      need_data=need_data))
     if f"{run.arch}_{run.size}" not in item["labels"]:  # overrides can make sizes one model
       item["labels"].append(f"{run.arch}_{run.size}")
-  env = dict(os.environ, **slot.env)
+  env = dict(os.environ, **slot.env, **(compilation_cache.env(root) if root else {}))
   proc = subprocess.run([python, "-m", "diffvit_jax.tools.sweep_plan"], input=json.dumps(
       list(spec.values())), capture_output=True, text=True, env=env, check=False)
   lines = proc.stdout.strip().splitlines()
@@ -582,13 +587,23 @@ class _Stop:
         child.send_signal(signum)
 
 
-def _start(run: Job, slot: Slot, fv, overrides: list[str]):
+def run_env(slot: Slot, fv, concurrent_runs: int) -> dict[str, str]:
+  """A run's environment: its slot's devices, how many runs share this host's cores (for
+  data.num_workers='auto'), and the sweep's compilation cache (<root>/xla_cache)."""
+  from diffvit_jax import compilation_cache
+  from diffvit_jax.data import input_pipeline
+
+  return dict(os.environ, **slot.env, **compilation_cache.env(fv.root),
+              **{input_pipeline.CONCURRENT_RUNS_ENV: str(max(1, concurrent_runs))})
+
+
+def _start(run: Job, slot: Slot, fv, overrides: list[str], concurrent_runs: int = 1):
   os.makedirs(run.workdir, exist_ok=True)
   log = open(os.path.join(run.workdir, LOG_FILE), "ab")  # noqa: SIM115 - closed in _finish
   command = run.command(fv.python, overrides)
   log.write(f"== sweep {_now()} on {slot.name}: {shlex.join(command)}\n".encode())
   log.flush()
-  env = dict(os.environ, **slot.env)
+  env = run_env(slot, fv, concurrent_runs)
   # A session of its own: a terminal's Ctrl-C reaches the run once, through the sweep.
   proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                           start_new_session=True)
@@ -639,7 +654,7 @@ def queue(runs: list[Job], configs: dict, slot_list: list[Slot], fv, overrides: 
           if slot_index in running or not pending:
             continue
           run = pending.popleft()
-          proc, log = _start(run, slot, fv, overrides)
+          proc, log = _start(run, slot, fv, overrides, min(len(slot_list), len(runs)))
           running[slot_index] = (run, proc, log)
           stop.children.append(proc)
           entries[run.index].update(state="running", slot=slot.name, start=_now(), end=None,
@@ -788,7 +803,7 @@ def _run_main(argv: list[str]) -> int:
   if fv.task_id is None:
     todo = [r for r in runs if checks[r.index][0] == 1]  # what is finished needs no plan
     plans = plan_models(todo, configs, overrides, slot_list[0], fv.python,
-                        need_data=not fv.dry_run) if todo else {}
+                        need_data=not fv.dry_run, root=fv.root) if todo else {}
     print_plan(runs, fv, overrides, slot_list, slot_line, plans, checks)
   if fv.dry_run:
     return 0

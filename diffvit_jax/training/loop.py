@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from diffvit_jax import cpu_runtime, distributed, files, models
+from diffvit_jax import compilation_cache, cpu_runtime, distributed, files, models
 from diffvit_jax.data import input_pipeline, sharding
 from diffvit_jax.errors import ConfigError, DivergenceError, Preempted
 from diffvit_jax.evaluation import per_example
@@ -155,7 +155,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _train_and_evaluate(config, workdir: str, guard: PreemptionGuard) -> dict:
   checkpointing.check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
+  cache = compilation_cache.Counter()
+  setup_start = time.monotonic()
   run = setup(config, workdir)
+  setup_seconds = time.monotonic() - setup_start
+  logging.info("Set-up (build and compile) took %.1f s; compilation cache: %s.", setup_seconds,
+               cache.describe())
+  data_workers = input_pipeline.num_workers(config.data)
+  logging.info("Input pipeline: %d worker process(es) (config.data.num_workers=%r).",
+               data_workers, config.data.num_workers)
   info, ckpt, mesh = run.info, run.ckpt, run.trainer.mesh
   total_steps, state = run.trainer.total_steps, run.trainer.state
   train_step, eval_step = run.trainer.train_step, run.trainer.eval_step
@@ -189,7 +197,8 @@ def _train_and_evaluate(config, workdir: str, guard: PreemptionGuard) -> dict:
       **run.recipe.as_dict(),
       attention=run.trainer.attention.as_dict(), cpu_runtime=run.trainer.cpu_runtime,
       precision=run.trainer.precision.as_dict(), memory_plan=run.trainer.memory_plan.as_dict(),
-      config=json.loads(config.to_json_best_effort()))
+      data_workers=data_workers, setup_seconds=round(setup_seconds, 3),
+      compilation_cache=cache.summary(), config=json.loads(config.to_json_best_effort()))
   run_info.setdefault("train_seconds", 0.0)
   if is_chief:  # Now, not at the first save: the tools read the run's config from here.
     _write_run_info(workdir, run_info)
@@ -309,6 +318,7 @@ def _train_and_evaluate(config, workdir: str, guard: PreemptionGuard) -> dict:
   ckpt.close()
   run_info["train_seconds"] += time.monotonic() - session_start
   run_info["completed_steps"] = total_steps
+  run_info["compilation_cache"] = cache.summary()  # with the evaluation's compiles
   if is_chief:
     _write_run_info(workdir, run_info)
   return eval_metrics
