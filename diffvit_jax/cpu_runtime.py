@@ -3,7 +3,9 @@
 - Allocator: glibc keeps freed blocks mapped (no mmap, no trim, one arena), so XLA:CPU's
   per-execution temp buffer is not page-faulted in again at every step.
 - `StepQueue`: on the CPU the loop waits for each step before dispatching the next (each
-  queued XLA:CPU execution holds its own temp buffer and slows the running one).
+  queued XLA:CPU execution holds its own temp buffer and slows the running one); on an
+  accelerator it waits for the step of STEPS_IN_FLIGHT steps ago, which keeps the device busy
+  while bounding the batches queued executions hold (PJRT would queue dozens).
 - `dense_dot_general`: a Dense whose weight gradient dW = x^T dy comes from a transposed x,
   so XLA:CPU does not fuse dy's whole producer chain into a transpose of dy per layer.
   Same values; the trainer gives it to the model on the CPU unless `model.cpu_dense_grad=False`.

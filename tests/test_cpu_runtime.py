@@ -29,6 +29,15 @@ def test_step_queue_waits_for_the_oldest_steps(limit, waited):
   assert log == waited
 
 
+def test_accelerators_keep_a_bounded_queue_of_steps():
+  # A host-side wait on the step of k steps ago: 2-3 keep the device fed, and the memory
+  # plan counts that many queued batches (training/memory.py).
+  assert 2 <= cpu_runtime.STEPS_IN_FLIGHT <= 3
+  for platform in ("gpu", "cuda", "rocm", "tpu"):
+    assert cpu_runtime.max_steps_in_flight(platform) == cpu_runtime.STEPS_IN_FLIGHT
+  assert cpu_runtime.max_steps_in_flight("cpu") == 0
+
+
 def test_cpu_waits_for_every_step():
   # On XLA:CPU each queued step holds its own temporaries (RESULTS.md: 3.6x the memory).
   assert jax.default_backend() == "cpu"
