@@ -10,9 +10,11 @@ r"""The sweep: protocol x sizes x archs x seeds, as a queue over this box's GPUs
 Each run is `python -m diffvit_jax.main --config configs/tiny_imagenet.py:<arch>_<size>,
 <protocol> --config.train.seed=<k>` plus every `--config.*` given here, in
 `<root>/<protocol>/<arch>_<size>/seed<k>` (its output in train.log there). Before any
-training the plan is printed: each run's workdir, slot, memory plan and microbatches, and on
-a GPU the time per run and for the sweep from a timed warm-up (tools/sweep_plan.py). One run
-per slot (`--gpus_per_run` GPUs each; slots from CUDA_VISIBLE_DEVICES as given, else
+training the study's design is written to `<root>/<protocol>/study.json` (reporting/
+manifest.py: family, margin, alpha, planned seeds; kept on a rerun) and the plan is
+printed: each run's workdir, slot, memory plan and microbatches, and on a GPU the time per
+run and for the sweep from a timed warm-up (tools/sweep_plan.py). One run per slot
+(`--gpus_per_run` GPUs each; slots from CUDA_VISIBLE_DEVICES as given, else
 `nvidia-smi -L`); the next run starts on the first slot that frees. A run already finished
 with the requested config is skipped, an unfinished one resumes, a workdir of another config
 is refused (the fields named); a failed run is recorded in `<root>/<protocol>/
