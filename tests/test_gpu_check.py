@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
@@ -34,11 +35,17 @@ def read(out):
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
+def dry_run_out(tmp_path_factory):
   out = tmp_path_factory.mktemp("gpu_check")
   run = run_check("--dry_run", "--out", str(out))
   assert run.returncode == 0, run.stderr[-4000:]
-  return read(out), (out / "gpu_check.md").read_text(), run.stderr
+  return out, run.stderr
+
+
+@pytest.fixture(scope="module")
+def dry_run(dry_run_out):
+  out, stderr = dry_run_out
+  return read(out), (out / "gpu_check.md").read_text(), stderr
 
 
 def positive(value) -> bool:
@@ -75,8 +82,11 @@ def test_agreement_of_every_registered_arch_and_path(dry_run):
 
 def test_step_times_as_the_sweep_runs_them(dry_run):
   results = dry_run[0]["step_time"]["results"]
+  # The sweep's archs (diffvit2 only when asked for), on one device per run.
   assert sorted(r["name"] for r in results) == sorted(
-      f"{arch}_{size},v2" for size in gpu_check.SIZES for arch in registry.ARCHS)
+      f"{arch}_{size},v2" for size in gpu_check.SIZES for arch in gpu_check.SWEEP_ARCHS)
+  assert dry_run[0]["meta"]["archs"] == ["vit", "diffvit"]
+  assert dry_run[0]["meta"]["gpus_per_run"] == 1
   assert results[0]["name"] == f"{gpu_check.BASELINE}_30m,v2"  # the MFU goals' sizes first
   for record in results:
     config = gpu_measure.sweep_config(record["name"], gpu_check.DRY_RUN.overrides)
@@ -102,7 +112,8 @@ def test_largest_batch_search_ends_at_the_cap(dry_run):
 def test_forms_pipeline_training_memory_sweep(dry_run):
   report = dry_run[0]
   forms = report["diffvit_forms"]["results"]
-  differential = [arch for arch, kind in registry.ARCHS.items() if kind.differential]
+  differential = [arch for arch, kind in registry.ARCHS.items()
+                  if kind.differential and arch in gpu_check.SWEEP_ARCHS]
   assert [(r["arch"], r["path"]) for r in forms] == [
       (arch, impl) for arch in differential for impl in gpu_check.PATHS if impl != "einsum"]
   for row in forms:
@@ -111,7 +122,11 @@ def test_forms_pipeline_training_memory_sweep(dry_run):
     else:
       assert "cannot run here" in row["skipped"], row
   pipeline = report["pipeline"]["results"][0]
+  # No Tiny ImageNet built here: generated JPEGs, with the workers a sweep run gets here.
   assert pipeline["source"] == "image_folder" and pipeline["image_size"] == 96
+  workers = max(0, len(os.sched_getaffinity(0)) - 1)  # one run per device: all cores but one
+  assert pipeline["num_workers"] == workers
+  assert pipeline["warmup_batches"] == max(1, 3 * workers)
   assert positive(pipeline["images_per_sec"])
   (goal,) = [g for g in report["goals"] if g["goal"].startswith("pipeline")]
   fastest = max(r["images_per_sec"] for r in report["step_time"]["results"])
@@ -123,10 +138,37 @@ def test_forms_pipeline_training_memory_sweep(dry_run):
       r["name"] for r in report["step_time"]["results"]]
   assert "peak_bytes_in_use" in report["memory"]
   sweep = report["sweep"]
-  assert sweep["complete"] and positive(sweep["hours"])
-  assert len(sweep["results"]) == len(registry.ARCHS) * len(gpu_check.SIZES)
+  assert sweep["complete"] and not sweep["missing"] and positive(sweep["hours"])
+  assert len(sweep["results"]) == len(gpu_check.SWEEP_ARCHS) * len(gpu_check.SIZES)
   for run in sweep["results"]:
     assert run["steps"] == math.ceil(50 * 100_000 / run["batch"])
+    assert run["seeds"] == 3  # every seed of the sweep, not one
+    assert run["hours"] == pytest.approx(3 * run["steps"] * run["step_ms"] / 3.6e6)
+  assert sweep["hours"] == pytest.approx(sum(run["hours"] for run in sweep["results"]))
+
+
+def test_a_second_check_reads_its_programs_from_the_cache(dry_run_out):
+  out, _ = dry_run_out
+  first = read(out)["meta"]["compilation_cache"]
+  assert first["dir"] == str(out / "xla_cache") and first["misses"] > 0
+  run = run_check("--dry_run", "--only", "step_time", "--out", str(out))
+  assert run.returncode == 0, run.stderr[-4000:]
+  second = read(out)["meta"]["compilation_cache"]
+  assert second["hits"] > 0 and second["misses"] < first["misses"]
+  assert "compilation cache: " in run.stderr and "hit(s)" in run.stderr
+
+
+def test_pipeline_workers_and_warm_up_follow_the_sweep(monkeypatch):
+  from diffvit_jax.data import input_pipeline
+
+  assert gpu_measure.pipeline_warmup(0) == 1 and gpu_measure.pipeline_warmup(5) == 15
+  config = gpu_measure.sweep_config("vit_10m,v2", {})
+  assert config.data.num_workers == "auto"
+  monkeypatch.setattr(input_pipeline, "host_cores", lambda: 16)
+  check = types.SimpleNamespace(devices=[object()])  # one device per run, of 1 visible
+  assert gpu_check.sweep_run_workers(config, check) == 15
+  config.data.num_workers = 4  # a number wins
+  assert gpu_check.sweep_run_workers(config, check) == 4
 
 
 def test_markdown_has_the_goals_and_a_table_per_section(dry_run):
@@ -222,6 +264,16 @@ def test_full_run_without_a_gpu_is_one_clear_error(tmp_path):
   run = run_check("--out", str(tmp_path), timeout=120)
   assert run.returncode == 2
   assert "--dry_run" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("args, named", [
+    (("--archs", "vit,warp"), "warp"),
+    (("--gpus_per_run", "2"), "--gpus_per_run=2"),
+])
+def test_bad_sweep_flags_are_one_clear_error(tmp_path, args, named):
+  run = run_check("--dry_run", "--only", "sweep", *args, "--out", str(tmp_path), timeout=120)
+  assert run.returncode == 2
+  assert named in run.stderr and "Traceback" not in run.stderr
 
 
 def test_unknown_section_is_one_clear_error(tmp_path):

@@ -26,20 +26,21 @@ def host_cores() -> int:
     return os.cpu_count() or 1
 
 
-def num_workers(data) -> int:
+def num_workers(data, concurrent_runs: int | None = None) -> int:
   """`data.num_workers` as a count of grain worker processes (0: decode in-process).
 
   'auto': the host's cores shared among the runs the sweep trains on it at once
-  (DIFFVIT_CONCURRENT_RUNS, 1 outside a sweep), less one core for the training
-  process itself. A number is used as it is.
+  (`concurrent_runs`, default DIFFVIT_CONCURRENT_RUNS, 1 outside a sweep), less one
+  core for the training process itself. A number is used as it is.
   """
   value = data.num_workers
   if isinstance(value, str) and value.strip() == "auto":
-    try:
-      runs = max(1, int(os.environ.get(CONCURRENT_RUNS_ENV, "1")))
-    except ValueError:
-      runs = 1
-    return max(0, host_cores() // runs - 1)
+    if concurrent_runs is None:
+      try:
+        concurrent_runs = int(os.environ.get(CONCURRENT_RUNS_ENV, "1"))
+      except ValueError:
+        concurrent_runs = 1
+    return max(0, host_cores() // max(1, concurrent_runs) - 1)
   if isinstance(value, bool) or not isinstance(value, int) or value < 0:
     raise ConfigError(f"config.data.num_workers: must be 'auto' or an integer >= 0 (grain "
                       f"worker processes; 0 decodes in the training process), got {value!r}.")

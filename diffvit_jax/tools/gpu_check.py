@@ -1,24 +1,29 @@
 r"""Everything only a GPU can tell, in one call of at most 8 minutes on one H100 / H200.
 
   ./launch.sh gpu_check [--dry_run] [--out DIR] [--only agreement,step_time,...] [--budget_s S]
+      [--archs vit,diffvit] [--gpus_per_run 1] [--seeds 3]
 
 Writes <out>/gpu_check.json and <out>/gpu_check.md (default out: benchmarks/) after every
 section, so a run stopped at any point leaves what it finished. Sections, by priority:
 
   agreement      every attention path of every registered arch, in the config's dtype, against
                  a float32 einsum reference at matmul precision 'highest' (logits, gradients)
-  pipeline       the v2 input pipeline over generated JPEGs (goal: 1.5x what the step takes)
-  step_time      the train step of every arch and size as the sweep runs it (the config's
-                 dtype, microbatches and attention path), with its precision and memory plan
+  pipeline       the v2 input pipeline with the workers a sweep run gets, on the built
+                 array_record data if there is one, else generated JPEGs (goal: 1.5x what the
+                 step takes)
+  step_time      the train step of the sweep's archs (--archs) at every size as the sweep runs
+                 it (the config's dtype, microbatches and attention path, --gpus_per_run
+                 devices), with its precision and memory plan
   diffvit_forms  each differential arch's step time on every path but einsum, against 'xla'
   training       a few hundred steps per arch on a learnable generated task: the loss falls
   largest_batch  the batch doubled until it needs microbatches, is out of memory or at the cap
   memory         the device's peak memory beside each config's memory plan
-  sweep          the v2 sweep's device-hours from the measured step times
+  sweep          the v2 sweep's device-hours from the measured step times, for --seeds seeds
 
 Each measurement first compares its estimated cost (builds and steps, at the rates measured so
 far) with what is left of `--budget_s`, and is recorded as skipped, with both, if it does not
-fit. `--dry_run`: the same on the CPU with tiny models (the test suite runs it). No TensorFlow.
+fit. `--dry_run`: the same on the CPU with tiny models (the test suite runs it). Compiled
+programs persist in <out>/xla_cache, so a second check skips most compiling. No TensorFlow.
 """
 
 from diffvit_jax import cpu_runtime
@@ -26,7 +31,6 @@ from diffvit_jax import cpu_runtime
 if __name__ == "__main__":
   cpu_runtime.apply_cpu_defaults()  # Before jax initialises its backends.
 
-import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
@@ -42,7 +46,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from diffvit_jax import config_lib, files  # noqa: E402
+from diffvit_jax import compilation_cache, config_lib, files  # noqa: E402
 from diffvit_jax.errors import ConfigError, UserError  # noqa: E402
 from diffvit_jax.models import attention_impl, registry, stats  # noqa: E402
 from diffvit_jax.reporting import tables  # noqa: E402
@@ -56,6 +60,7 @@ SIZES = tuple(config_lib.MODEL_SIZES)
 BASELINE = registry.BASELINE_ARCH
 AGREEMENT_DEPTH, AGREEMENT_BATCH = 2, 8  # fewer blocks than the config's: faster compiles
 DEFAULT_BUDGET_S = 420.0  # with start-up and one estimate's error: within 8 minutes
+SWEEP_ARCHS, SWEEP_SEEDS = ("vit", "diffvit"), 3  # tools/sweep.py's defaults
 
 # Relative L2 error against the float32 reference. bfloat16 keeps 8 significant bits; through
 # the blocks a correct path lands near 1% on logits and a few % on gradients, while a wrong
@@ -130,8 +135,15 @@ class Check:
   """The report as it grows (written after every section), the deadline and the cost rates."""
 
   def __init__(self, scale: Scale, selected: tuple[str, ...], budget_s: float,
-               out: pathlib.Path):
+               out: pathlib.Path, archs: tuple[str, ...] = SWEEP_ARCHS, gpus_per_run: int = 1,
+               seeds: int = SWEEP_SEEDS):
     self.scale, self.out = scale, out
+    self.archs, self.seeds = archs, seeds
+    if gpus_per_run > jax.device_count():
+      raise UserError(f"--gpus_per_run={gpus_per_run} but only {jax.device_count()} device(s) "
+                      "are visible.")
+    self.devices = jax.devices()[:gpus_per_run]  # one sweep run's slot
+    self.cache = compilation_cache.Counter()
     self.start = time.perf_counter()
     self.deadline = self.start + budget_s
     self.compile_s_per_block = scale.compile_s_per_block
@@ -139,8 +151,9 @@ class Check:
     device = jax.devices()[0]
     self.report = dict(meta=dict(
         dry_run=scale.dry_run, platform=device.platform, device_kind=device.device_kind,
-        num_devices=jax.device_count(), jax_version=jax.__version__,
-        cpu_count=os.cpu_count(), budget_s=budget_s, elapsed_s=0.0))
+        num_devices=jax.device_count(), gpus_per_run=gpus_per_run, archs=list(archs),
+        seeds=seeds, jax_version=jax.__version__, cpu_count=os.cpu_count(),
+        budget_s=budget_s, elapsed_s=0.0))
     for name in SECTIONS:
       self.report[name] = (dict(status="pending") if name in selected else
                            dict(status="skipped", reason="not selected (--only)"))
@@ -218,6 +231,7 @@ class Check:
   def write(self) -> None:
     """gpu_check.json and .md, each written whole to a temporary file and then renamed."""
     self.report["meta"]["elapsed_s"] = time.perf_counter() - self.start
+    self.report["meta"]["compilation_cache"] = self.cache.summary()
     self.report["goals"] = goals(self.report)
     texts = {"gpu_check.json": json.dumps(self.report, indent=1, default=str) + "\n",
              "gpu_check.md": markdown(self.report)}
@@ -279,7 +293,8 @@ def time_config(check: Check, name: str, overrides: dict | None = None) -> dict:
   scale = check.scale
   steps = 1 + scale.timed_steps * scale.repeats
   label = " ".join([f"step {name}"] + [f"{k}={v}" for k, v in (overrides or {}).items()])
-  timed = lambda: gpu_measure.time_train_step(config, scale.timed_steps, scale.repeats)
+  timed = lambda: gpu_measure.time_train_step(config, scale.timed_steps, scale.repeats,
+                                              check.devices)
   record = check.measure(label, check.estimate(config, steps), timed, name=name,
                          protocol=name.partition(",")[2])
   if "step_ms" in record:
@@ -289,9 +304,9 @@ def time_config(check: Check, name: str, overrides: dict | None = None) -> dict:
 
 def step_time(check: Check) -> dict:
   sizes = [*GOAL_MFU, *(size for size in SIZES if size not in GOAL_MFU)]  # goals' first
-  names = [f"{arch}_{size},v2" for size in sizes for arch in registry.ARCHS]
+  names = [f"{arch}_{size},v2" for size in sizes for arch in check.archs]
   names += [f"{arch}_{SIZES[0]},{protocol}" for protocol in check.scale.protocols
-            if protocol != "v2" for arch in registry.ARCHS]
+            if protocol != "v2" for arch in check.archs]
   results = [time_config(check, name) for name in names]
   by_name = {r["name"]: r for r in results}
   for record in results:
@@ -306,15 +321,25 @@ def pipeline(check: Check) -> dict:
   scale = check.scale
   train = {k: v for k, v in scale.overrides.items() if k.startswith("train.")}
   config = gpu_measure.sweep_config(f"{BASELINE}_{SIZES[0]},v2", train)  # its own image size
-  workers = 0 if scale.dry_run else os.cpu_count() or 1
+  workers = sweep_run_workers(config, check)
   start_s, per_jpeg_s, per_image_s = PIPELINE_GUESS_S
-  images = (1 + scale.timed_steps * scale.repeats) * config.train.batch_size
+  batches = gpu_measure.pipeline_warmup(workers) + scale.timed_steps * scale.repeats
+  images = batches * config.train.batch_size
   estimate = start_s + per_jpeg_s * scale.pipeline_images + per_image_s * images / max(workers, 1)
   with tempfile.TemporaryDirectory(prefix="gpu_check_images_") as root:
     record = check.measure("pipeline", estimate, lambda: gpu_measure.time_pipeline(
         config, pathlib.Path(root), scale.pipeline_images, workers, scale.timed_steps,
         scale.repeats))
   return dict(results=[record])  # against the step's images/s in `goals`
+
+
+def sweep_run_workers(config, check: Check) -> int:
+  """The config's data.num_workers as one sweep run on this host resolves it: 'auto' shares
+  the cores among the runs the sweep trains at once (one per --gpus_per_run devices)."""
+  from diffvit_jax.data import input_pipeline
+
+  concurrent = max(1, jax.device_count() // len(check.devices))
+  return input_pipeline.num_workers(config.data, concurrent)
 
 
 def diffvit_forms(check: Check) -> dict:
@@ -324,7 +349,7 @@ def diffvit_forms(check: Check) -> dict:
             for r in check.results("agreement")}
   rows = []
   for arch, kind in registry.ARCHS.items():
-    if not kind.differential:
+    if not kind.differential or arch not in check.archs:
       continue
     name, forms = f"{arch}_{SIZES[0]},v2", {}
     model = check.config(name).model
@@ -346,10 +371,11 @@ def diffvit_forms(check: Check) -> dict:
 
 def training(check: Check) -> dict:
   results, steps = [], check.scale.train_steps
-  for arch in check.scale.train_archs:
+  for arch in (a for a in check.scale.train_archs if a in check.archs):
     name = f"{arch}_{SIZES[0]},v2"
     config = check.config(name, {"train.batch_size": check.scale.train_batch})
-    train = lambda config=config: gpu_measure.train_on_learnable(config, steps)
+    train = lambda config=config: gpu_measure.train_on_learnable(config, steps,
+                                                                 devices=check.devices)
     results.append(check.measure(f"training {name}", check.estimate(config, steps), train,
                                  name=name))
   return dict(results=results)
@@ -358,7 +384,7 @@ def training(check: Check) -> dict:
 def largest_batch(check: Check) -> dict:
   steps = {r["name"]: r for r in check.results("step_time")}
   names = ([f"{BASELINE}_{SIZES[0]},v2"] if check.scale.dry_run else
-           [f"{arch}_{SIZES[-1]},v2" for arch in registry.ARCHS])
+           [f"{arch}_{SIZES[-1]},v2" for arch in check.archs])
   return dict(results=[search_batch(check, steps.get(name, {}), name) for name in names])
 
 
@@ -398,19 +424,23 @@ def memory(check: Check) -> dict:
 
 
 def sweep(check: Check) -> dict:
+  """Device-hours of the v2 sweep's runs whose step was timed, each at every seed."""
   runs = []
   for record in check.results("step_time"):
     if record["protocol"] == "v2" and "step_ms" in record:
       train = gpu_measure.sweep_config(record["name"], {}).train
       train.batch_size = record["batch"]
       steps = optim.derive_recipe(train, gpu_measure.TRAIN_EXAMPLES).total_steps
+      hours = steps * record["step_ms"] / 3.6e6 * len(check.devices)
       runs.append(dict(name=record["name"], batch=record["batch"], steps=steps,
-                       step_ms=record["step_ms"], hours=steps * record["step_ms"] / 3.6e6))
-  complete = len(runs) == len(registry.ARCHS) * len(SIZES)
-  return dict(results=runs, complete=complete,
-              hours=sum(r["hours"] for r in runs) if complete else None,
-              note="one seed per run; train steps only (no evaluation, checkpoints or "
-                   "compilation), on the device measured")
+                       step_ms=record["step_ms"], seeds=check.seeds, hours=hours * check.seeds))
+  planned = [f"{arch}_{size},v2" for size in SIZES for arch in check.archs]
+  missing = [name for name in planned if name not in {r["name"] for r in runs}]
+  return dict(results=runs, complete=not missing, missing=missing,
+              hours=sum(r["hours"] for r in runs) if runs else None,
+              note=f"{check.seeds} seed(s) per run on {len(check.devices)} device(s) each; "
+                   "train steps only (no evaluation, checkpoints or compilation)"
+                   + (f"; not timed, so not counted: {', '.join(missing)}" if missing else ""))
 
 
 RUN = dict(agreement=agreement, step_time=step_time, pipeline=pipeline,
@@ -437,12 +467,13 @@ def goals(report: dict) -> list[dict]:
                      shown="n/a" if value is None else shown(value),
                      status="n/a" if value is None else "met" if met(value) else "missed"))
 
+  archs = report.get("meta", {}).get("archs", list(registry.ARCHS))
   for size, floor in GOAL_MFU.items():
-    for arch in registry.ARCHS:
+    for arch in archs:
       add(f"{arch}_{size},v2 MFU", f">= {floor:.0%}", steps.get(f"{arch}_{size},v2", {}).get(
           "mfu"), lambda v, floor=floor: v >= floor, _pct)
   for size in SIZES:
-    for arch in registry.ARCHS:
+    for arch in archs:
       if arch != BASELINE and matched_flops(arch, size):
         add(f"{registry.label(arch)}/{registry.label(BASELINE)} step time {size} v2",
             f"<= {GOAL_STEP_RATIO:.2f}", steps.get(f"{arch}_{size},v2", {}).get("vs_baseline"),
@@ -486,7 +517,8 @@ COLUMNS = {
                       "ms/step": "step_ms", "images/s": "images_per_sec",
                       "MFU": lambda r: _pct(r.get("mfu")),
                       f"vs {registry.label(BASELINE)}": "vs_baseline"}),
-    "pipeline": (1, {"source": "source", "workers": "num_workers", "batch": "batch",
+    "pipeline": (1, {"source": "source", "workers": "num_workers",
+                     "warm-up batches": "warmup_batches", "batch": "batch",
                      "images/s": "images_per_sec", "image size": "image_size",
                      "RandAugment": "randaugment"}),
     "diffvit_forms": (2, {"arch": "arch", "path": "path", "ms/step": "step_ms",
@@ -500,7 +532,7 @@ COLUMNS = {
                    "device GiB": lambda r: _gib(r["device_bytes"]),
                    "microbatches": "microbatches", "remat": "remat", "fits": "fits"}),
     "sweep": (1, {"run": "name", "batch": "batch", "steps": "steps", "ms/step": "step_ms",
-                  "hours": "hours"}),
+                  "seeds": "seeds", "hours": "hours"}),
 }
 TITLES = dict(
     agreement="Agreement: each path against float32 einsum (relative L2 error)",
@@ -551,12 +583,11 @@ def markdown(report: dict) -> str:
 # The command line.
 
 
-def compile_cheaply(cache_dir: str) -> None:
-  """Dry run only, before JAX starts: each program compiled once (every size shrinks to the
-  same tiny model) and by LLVM at -O0 (its timings mean nothing), halving compile time."""
+def compile_cheaply() -> None:
+  """Dry run only, before JAX starts: LLVM at -O0 (its timings mean nothing), and every
+  program cached (every size shrinks to the same tiny model, compiled once)."""
   os.environ["XLA_FLAGS"] = " ".join(
       [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
-  jax.config.update("jax_compilation_cache_dir", cache_dir)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -571,13 +602,17 @@ def parse_sections(text: str) -> tuple[str, ...]:
 
 
 def run_check(scale: Scale, selected: tuple[str, ...], budget_s: float,
-              out: pathlib.Path) -> Check:
-  check = Check(scale, selected, budget_s, out)
+              out: pathlib.Path, **sweep) -> Check:
+  """`sweep`: Check's archs, gpus_per_run and seeds (the sweep's defaults if not given)."""
+  check = Check(scale, selected, budget_s, out, **sweep)
   meta = check.report["meta"]
   log(f"{meta['device_kind']} x{meta['num_devices']} ({meta['platform']}), "
-      f"{'dry run' if scale.dry_run else 'full run'}, budget {budget_s:.0f} s")
+      f"{'dry run' if scale.dry_run else 'full run'}, budget {budget_s:.0f} s, archs "
+      f"{','.join(check.archs)}, {len(check.devices)} device(s) per run, compilation cache "
+      f"{compilation_cache.directory()}")
   for name in SECTIONS:
     check.section(name, RUN[name])
+  log(f"compilation cache: {check.cache.describe()}")
   return check
 
 
@@ -588,7 +623,12 @@ def _define_flags():
       only=flags.DEFINE_string("only", "", f"Comma-separated sections (default all): "
                                f"{','.join(SECTIONS)}."),
       budget_s=flags.DEFINE_float("budget_s", DEFAULT_BUDGET_S, "Seconds the measurements may "
-                                  "take; one that would not fit is skipped and recorded."))
+                                  "take; one that would not fit is skipped and recorded."),
+      archs=flags.DEFINE_string("archs", ",".join(SWEEP_ARCHS), "The sweep's architectures "
+                                f"(comma-separated, of {','.join(registry.ARCHS)})."),
+      gpus_per_run=flags.DEFINE_integer("gpus_per_run", 1, "Devices of one sweep run (its "
+                                        "--gpus_per_run): the mesh every step is timed on."),
+      seeds=flags.DEFINE_integer("seeds", SWEEP_SEEDS, "Seeds per run, for the sweep's hours."))
 
 
 def main(argv, flag_values):
@@ -599,14 +639,22 @@ def main(argv, flag_values):
     if value("budget_s") <= 0:
       raise UserError(f"--budget_s must be positive, got {value('budget_s')}.")
     scale = DRY_RUN if value("dry_run") else FULL
+    archs = tuple(a.strip() for a in value("archs").split(",") if a.strip())
+    unknown = [a for a in archs if a not in registry.ARCHS]
+    if not archs or unknown:
+      raise UserError(f"--archs: {','.join(unknown) or 'none given'}; the architectures are "
+                      f"{', '.join(registry.ARCHS)}.")
+    if value("gpus_per_run") < 1 or value("seeds") < 1:
+      raise UserError("--gpus_per_run and --seeds must be at least 1.")
     if not scale.dry_run and jax.default_backend() == "cpu":
       raise UserError("No GPU here (JAX's backend is 'cpu'): the full check needs one; run "
                       "with --dry_run to exercise it on the CPU with tiny sizes.")
-    with contextlib.ExitStack() as cleanup:
-      if scale.dry_run:
-        compile_cheaply(cleanup.enter_context(
-            tempfile.TemporaryDirectory(prefix="gpu_check_xla_cache_")))
-      check = run_check(scale, selected, value("budget_s"), pathlib.Path(value("out")))
+    out = pathlib.Path(value("out"))
+    compilation_cache.enable(str(out.resolve() / compilation_cache.SUBDIR))
+    if scale.dry_run:
+      compile_cheaply()
+    check = run_check(scale, selected, value("budget_s"), out, archs=archs,
+                      gpus_per_run=value("gpus_per_run"), seeds=value("seeds"))
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(e.exit_code)

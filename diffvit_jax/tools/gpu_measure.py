@@ -49,10 +49,11 @@ def is_out_of_memory(e: BaseException) -> bool:
   return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
 
-def build_trainer(config, total_steps: int | None = None):
-  """The trainer a sweep run builds: its steps from the recipe on Tiny ImageNet's size."""
+def build_trainer(config, total_steps: int | None = None, devices=None):
+  """The trainer a sweep run builds: its steps from the recipe on Tiny ImageNet's size, on
+  `devices` (a run's slot; default all)."""
   total = total_steps or optim.derive_recipe(config.train, TRAIN_EXAMPLES).total_steps
-  return trainer_lib.build(config, sharding.make_mesh(), total,
+  return trainer_lib.build(config, sharding.make_mesh(devices), total,
                            num_train_examples=TRAIN_EXAMPLES)
 
 
@@ -102,13 +103,14 @@ def logits_and_grads(model_config, impl: str, params, images, labels):
 # Step time.
 
 
-def time_train_step(config, timed_steps: int, repeats: int) -> dict:
-  """The train step of `config` as training builds and dispatches it, on synthetic batches.
+def time_train_step(config, timed_steps: int, repeats: int, devices=None) -> dict:
+  """The train step of `config` as training builds and dispatches it, on synthetic batches,
+  on `devices` (default all).
 
   `setup_s`: the build (memory plan, compiles) and the first step.
   """
   start = time.perf_counter()
-  trainer = build_trainer(config)
+  trainer = build_trainer(config, devices=devices)
   batch = sharding.shard_batch(bench.synthetic_batch(config, config.train.batch_size),
                                trainer.mesh)
   state, _ = trainer.train_step(trainer.state, batch)
@@ -148,17 +150,40 @@ def write_image_folder(root: pathlib.Path, num_images: int, num_classes: int = 1
         folder / f"{i:05d}.jpg", quality=90)
 
 
+def built_data(config) -> str | None:
+  """The TFDS directory of the built Tiny ImageNet `config.data` reads, or None if not built."""
+  from diffvit_jax.data import sources
+  from diffvit_jax.errors import UserError
+
+  try:
+    sources.tiny_imagenet_builder_dir(config.data)
+  except UserError:
+    return None
+  return str(sources.tfds_data_dir(config.data))
+
+
+def pipeline_warmup(num_workers: int) -> int:
+  """Batches read before timing: each worker process fills a buffer of a few batches first,
+  which a timing must not count as throughput."""
+  return max(1, 3 * num_workers)
+
+
 def time_pipeline(config, root: pathlib.Path, num_images: int, num_workers: int,
                   num_batches: int, repeats: int) -> dict:
-  """The train input pipeline of `config` over generated JPEGs (host batches, no device)."""
-  write_image_folder(root, num_images)
-  config.data.update(source="image_folder", dir=str(root), num_workers=num_workers)
-  result = bench.bench_pipeline(config, config.train.batch_size, num_batches, warmup=1,
+  """The train input pipeline of `config` (host batches, no device) with `num_workers`: on the
+  built Tiny ImageNet (array_record) where there is one, else over generated JPEGs."""
+  data_dir = built_data(config)
+  if data_dir is None:
+    write_image_folder(root, num_images)
+    config.data.update(source="image_folder", dir=str(root))
+  config.data.num_workers = num_workers
+  warmup = pipeline_warmup(num_workers)
+  result = bench.bench_pipeline(config, config.train.batch_size, num_batches, warmup=warmup,
                                 repeats=repeats)
   return dict(images_per_sec=result["images_per_sec"], num_workers=num_workers,
-              batch=config.train.batch_size, image_size=config.data.image_size,
-              randaugment=config.data.randaugment, crop=config.data.crop,
-              source=config.data.source)
+              warmup_batches=warmup, batch=config.train.batch_size,
+              image_size=config.data.image_size, randaugment=config.data.randaugment,
+              crop=config.data.crop, source=config.data.source, data_dir=data_dir)
 
 
 # Training on a learnable generated task.
@@ -182,14 +207,14 @@ def learnable_batches(num_classes: int, image_size: int, batch_size: int, seed: 
     yield {"image": np.clip(image, 0, 255).astype(np.uint8), "label": labels}
 
 
-def train_on_learnable(config, num_steps: int, num_classes: int = 10) -> dict:
+def train_on_learnable(config, num_steps: int, num_classes: int = 10, devices=None) -> dict:
   """`num_steps` steps of the config's recipe on `learnable_batches`: warmup shortened, and
   the recipe's learning rate at this (small) batch rather than scaled down to it."""
   config.model.num_classes = num_classes
   config.train.update(steps=num_steps, warmup_steps=max(1, num_steps // 10), warmup_epochs=0.0,
                       lr_reference_batch=0)
   start = time.perf_counter()
-  trainer = build_trainer(config, num_steps)
+  trainer = build_trainer(config, num_steps, devices)
   state, losses = trainer.state, []
   batches = learnable_batches(num_classes, config.data.image_size, config.train.batch_size)
   in_flight = cpu_runtime.StepQueue(cpu_runtime.max_steps_in_flight())
