@@ -13,7 +13,7 @@ from scipy import stats as scipy_stats
 from diffvit_jax import config_lib
 from diffvit_jax.errors import DataError, UserError
 from diffvit_jax.models import stats
-from diffvit_jax.reporting import events, manifest, report, tables, verdict
+from diffvit_jax.reporting import events, manifest, report, secondary, tables, verdict
 from diffvit_jax.reporting import runs as runs_lib
 
 
@@ -544,6 +544,15 @@ def _manifest(tmp_path, sizes=("10m",), seeds=(0, 1, 2, 3, 4), margin=0.01):
 SIZES = (("10m", 10_130_000, 0.02), ("20m", 20_200_000, 0.015), ("30m", 30_300_000, 0.0))
 
 
+def _verdict_only(workdirs):
+  """The verdict's rows and Markdown as `report.write_report` builds them, without figures."""
+  admitted, excluded = runs_lib.admit([runs_lib.load_run(w) for w in workdirs])
+  comparisons = tables.comparisons(runs_lib.group_runs(admitted), excluded)
+  plan = report.plan(workdirs)
+  rows = tables.verdict_rows(comparisons, plan)
+  return comparisons, plan, rows, report._design_text(plan, rows) + tables.verdict_markdown(rows)
+
+
 def test_a_planned_size_whose_model_runs_all_failed_counts_at_p_1_of_3(tmp_path):
   _manifest(tmp_path, sizes=[s for s, _, _ in SIZES], seeds=range(5))
   workdirs = []
@@ -553,19 +562,18 @@ def test_a_planned_size_whose_model_runs_all_failed_counts_at_p_1_of_3(tmp_path)
   for workdir in workdirs:  # Every DiffViT-30m run stopped before its end.
     if os.sep + "diffvit_30m" + os.sep in workdir:
       _rewrite_info(workdir, completed_steps=400)
-  rows, text = _report(tmp_path, workdirs)
+  _, _, rows, table = _verdict_only(workdirs)
   primary = {r["size"]: r for r in rows if r["role"] == "primary"}
   assert sorted(primary) == ["10m", "20m", "30m"]
   lost = primary["30m"]
-  assert lost["holm_as_1"] == "True" and lost["p"] == "nan" and lost["n_paired"] == "0"
+  assert lost["holm_as_1"] is True and math.isnan(lost["p"]) and lost["n_paired"] == 0
   assert lost["reading"].startswith("planned, no admissible comparison")
   p = [float(primary[s]["p"]) for s in ("10m", "20m")]
   expected = verdict.holm([*p, math.nan])  # the lost size at p = 1, not a family of 2
   for size, value in zip(("10m", "20m"), expected[:2], strict=True):
     assert float(primary[size]["p_holm"]) == pytest.approx(value)
-    assert primary[size]["holm_family"] == "3"
+    assert primary[size]["holm_family"] == 3
   assert expected[:2] != pytest.approx(verdict.holm(p))
-  table = _verdict_table(text)
   assert "p = 1 counted (of 3)" in table and "(of 3)" in table
   assert "Counted in Holm at p = 1" in table and "30m (no admissible comparison)" in table
   assert "Design from the study manifest" in table
@@ -758,12 +766,10 @@ def test_report_has_the_pooled_and_compute_readings_marked_secondary(tmp_path):
   for workdir in workdirs:  # DiffViT takes 4000 s where ViT takes 3600 s
     if os.sep + "diffvit_" in workdir:
       _rewrite_info(workdir, train_seconds=4000.0)
-  out = str(tmp_path / "report")
-  assert report.main([*workdirs, "--out", out]) == 0
-  secondary = read_csv(os.path.join(out, "secondary.csv"))
-  by_kind = {r["kind"]: r for r in secondary if r["kind"] != "pairing"}
-  primary = [r for r in read_csv(os.path.join(out, "verdict.csv")) if r["role"] == "primary"]
-  means = [float(r["mean"]) for r in primary]
+  comparisons, plan, rows, _ = _verdict_only(workdirs)
+  secondary_rows = secondary.pooled_rows(comparisons, plan)
+  by_kind = {r["kind"]: r for r in secondary_rows if r["kind"] != "pairing"}
+  means = [r["mean"] for r in rows if r["role"] == "primary"]
   assert float(by_kind["pooled"]["estimate"]) == pytest.approx(np.mean(means))
   logs = np.log10([p for _, p, _ in SIZES])
   assert float(by_kind["trend"]["estimate"]) == pytest.approx(
@@ -771,19 +777,24 @@ def test_report_has_the_pooled_and_compute_readings_marked_secondary(tmp_path):
   assert float(by_kind["trend"]["estimate"]) < 0  # the effect shrinks with size here
   assert 0 <= float(by_kind["p_better"]["low"]) <= float(by_kind["p_better"]["estimate"]) <= (
       float(by_kind["p_better"]["high"])) <= 1
-  assert len([r for r in secondary if r["kind"] == "pairing"]) == 3
-  compute = {r["size"]: r for r in read_csv(os.path.join(out, "compute.csv"))}
+  assert len([r for r in secondary_rows if r["kind"] == "pairing"]) == 3
+  compute = {r["size"]: r for r in secondary.compute_rows(comparisons)}
   row = compute["10m"]
   # DiffViT at ViT's 3600 s: 90% of its steps, step 900, between its evaluations at 800, 1000.
-  assert float(row["model_top1_at_other_time"]) == pytest.approx(
-      0.9 * float(row["model_top1"]), rel=1e-4)
-  assert row["baseline_top1_at_other_time"] == "nan"  # ViT's run ended before 4000 s
+  assert row["model_top1_at_other_time"] == pytest.approx(0.9 * row["model_top1"], rel=1e-4)
+  assert math.isnan(row["baseline_top1_at_other_time"])  # ViT's run ended before 4000 s
+  text = secondary.pooled_markdown(secondary_rows) + secondary.compute_markdown(
+      list(compute.values()))
+  assert "pooled effect (equal weights over sizes)" in text and "P(model > ViT)" in text
+  assert "pairing narrowed it" in text and "top-1 % at the other's wall time" in text
+  # In the report, as its own secondary sections (a smaller study: one size).
+  out = str(tmp_path / "report")
+  assert report.main([*workdirs[:10], "--out", out]) == 0
   with open(os.path.join(out, "report.md")) as f:
     text = f.read()
   assert "### Secondary: pooled over sizes" in text and "### Secondary: compute" in text
-  assert "pooled effect (equal weights over sizes)" in text and "P(model > ViT)" in text
   assert "fixed effects, because the sizes are the design" in text
-  assert "pairing narrowed it" in text and "top-1 % at the other's wall time" in text
+  assert {"secondary.csv", "compute.csv"} <= set(os.listdir(out))
 
 
 def test_readme_study_table_is_the_reports_own():
