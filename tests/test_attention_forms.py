@@ -57,6 +57,27 @@ def test_differential_xla_form_matches_the_formula():
                value_and_grads(plain_differential, (q, k, v, lam), cotangent))
 
 
+def plain_tokenwise(q, k, v, lam):
+  """The v2 form: q heads 2h, 2h+1 share k_h, v_h; lambda [B, T, H] per token."""
+  batch, tokens, pairs, _ = v.shape
+  k = jnp.repeat(k, 2, axis=2)
+  probs = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", q, k) * SCALE, axis=-1)
+  probs = probs.reshape(batch, pairs, 2, tokens, tokens)
+  lam = jnp.transpose(lam, (0, 2, 1))[..., None]
+  return jnp.einsum("bhts,bshd->bthd", probs[:, :, 0] - lam * probs[:, :, 1], v)
+
+
+@pytest.mark.parametrize("chunk_bytes", [2**30, 2 * 4 * 4 * 9 * 9])
+def test_tokenwise_differential_xla_form_matches_the_formula(chunk_bytes):
+  q, k, v = normal(0, 4, 9, 4, 8), normal(1, 4, 9, 2, 8), normal(2, 4, 9, 2, 8)
+  lam, cotangent = jax.nn.sigmoid(normal(3, 4, 9, 2)), normal(4, 4, 9, 2, 8)
+  fast = lambda q, k, v, lam: attention_ops.attention(q, k, v, scale=SCALE, impl="xla", lam=lam,
+                                                      chunk_bytes=chunk_bytes)
+  got = value_and_grads(fast, (q, k, v, lam), cotangent)
+  assert float(jnp.abs(got[1][3]).max()) > 1e-3  # lambda gets a real gradient
+  assert_close(got, value_and_grads(plain_tokenwise, (q, k, v, lam), cotangent))
+
+
 @pytest.mark.parametrize("implementation", ["xla", None])
 def test_differential_cudnn_form_matches_the_formula(implementation):
   # The cuDNN form (q/k zero-padded to 2d, one call) run by jax's XLA attention on the CPU.
