@@ -18,6 +18,11 @@ import json
 import os
 import sys
 
+if __name__ == "__main__" and any(arg.startswith("--target") for arg in sys.argv[1:]):
+  # Compiled for a GPU target on the CPU: before JAX starts its backends (the CUDA plugin's
+  # start-up fails without a GPU, and JAX then refuses GPU topologies).
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 from absl import app, flags
 from clu import parameter_overview
 from ml_collections import config_flags
@@ -110,8 +115,6 @@ def time_estimate(config, target: str, num_devices: int) -> str:
 
 def main(argv):
   del argv
-  if _TARGET.value:  # compiled for the target, on the CPU: the CUDA plugin must not start
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
   try:
     if _CONFIG.value is None:
       raise UserError("--config is required, e.g. --config configs/tiny_imagenet.py:vit_10m.")

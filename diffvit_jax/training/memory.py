@@ -163,7 +163,7 @@ def plan(config, per_device_batch: int, memory: tuple[int | None, str],
       continue
     if count not in tried and measure(count) > budget:
       continue
-    return result(count, f"auto: the fewest microbatches that fit ({MARGIN:.0%} kept free)")
+    return result(count, "auto: the fewest microbatches that fit")
   raise _does_not_fit(config, per_device_batch, tried, limit, source, reserved)
 
 
