@@ -142,6 +142,9 @@ def test_plan_is_printed_before_any_training(rehearsal):
   assert stdout.index("Memory plan") < stdout.index("== started")
   assert "1 microbatch(es)" in stdout and "memory is unknown" in stdout
   assert "not estimated here" in stdout  # no GPU: no timed warm-up
+  # What feeds each run: data.num_workers as the runs resolve it (two slots share the cores).
+  assert "Input: 0 grain worker(s) per run (data.num_workers=0;" in stdout
+  assert "2 run(s) at once" in stdout
   for workdir in _workdirs(rehearsal["runs"] / "v2"):
     assert str(workdir) in stdout
   assert re.search(r"vit_20m seed 2 .*refused \(another config\)", stdout)
@@ -192,6 +195,18 @@ def test_slurm_scripts_and_one_array_task(rehearsal):
   assert (info["arch"], info["seed"], info["completed_steps"]) == ("diffvit", 1, 4)
   before, after = rehearsal["first_logs"], rehearsal["task_logs"]
   assert {k for k in after if after[k] != before.get(k)} == {FAILING}
+
+
+def test_runs_read_each_others_programs_from_the_compilation_cache(rehearsal):
+  infos = []
+  for workdir in _workdirs(rehearsal["runs"] / "v2"):
+    path = workdir / "run_info.json"
+    if path.is_file():
+      infos.append(json.loads(path.read_text()))
+  caches = [info["compilation_cache"] for info in infos if "compilation_cache" in info]
+  assert len(caches) >= 10 and all(c["dir"] for c in caches)
+  assert sum(c["hits"] > 0 for c in caches) >= len(caches) - 4  # a model's later seeds hit
+  assert all(info["data_workers"] == 0 for info in infos if "data_workers" in info)
 
 
 def test_dry_run_trains_nothing(rehearsal):

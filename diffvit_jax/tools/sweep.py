@@ -37,6 +37,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # --status reads TensorBoard events
 
@@ -515,6 +516,18 @@ def _predicted_slots(runs: list[Job], seconds: dict[int, float], n_slots: int):
   return where, max(free_at)
 
 
+def input_line(num_workers, concurrent_runs: int) -> str:
+  """What feeds each run: its grain workers, as data.num_workers resolves on this host."""
+  from diffvit_jax.data import input_pipeline
+
+  cores = input_pipeline.host_cores()
+  workers = input_pipeline.num_workers(types.SimpleNamespace(num_workers=num_workers),
+                                       concurrent_runs)
+  return (f"Input: {workers} grain worker(s) per run (data.num_workers={num_workers!r}; "
+          f"{cores} cores here, {max(1, concurrent_runs)} run(s) at once); the images/s one "
+          "core supplies per protocol, against each GPU's need: benchmarks/RESULTS.md.")
+
+
 def print_plan(runs, fv, overrides, slot_list, slot_line, plans, checks) -> None:
   todo = [r for r in runs if checks[r.index][0] == 1]  # reporting.runs.NOT_FINISHED
   seconds = {}
@@ -532,13 +545,16 @@ def print_plan(runs, fv, overrides, slot_list, slot_line, plans, checks) -> None
         f"{' ' + ' '.join(overrides) if overrides else ''}")
   print(f"Status file: {status_path(fv)}; each run's output: <workdir>/{LOG_FILE}")
   if plans:
+    print(input_line(next(iter(plans.values()))["num_workers"], min(len(slot_list), len(todo))))
+  if plans:
     print("Memory plan, per distinct model and batch (its train step compiled, not run):")
     for plan in {json.dumps(p, sort_keys=True): p for p in plans.values()}.values():
       steps = plan["total_steps"]
       steps_line = (f"{steps} steps" if steps is not None else "steps unknown") + (
           f" ({plan['num_train']} training images, {plan['num_train_source']})"
           if plan["num_train"] else "")
-      timing = (f"; {plan['step_s'] * 1e3:.1f} ms/step measured, "
+      timing = (f"; {plan['step_s'] * 1e3:.1f} ms/step measured "
+                f"({plan['batch'] / plan['step_s']:,.0f} images/s to supply), "
                 f"{_duration(plan['step_s'] * steps) if steps else '?'} of training steps per run"
                 if plan.get("step_s") else "")
       print(f"  {plan['label']}: {plan['plan']}; {steps_line}{timing}")

@@ -61,7 +61,8 @@ def plan_one(item: dict) -> dict:
   else:
     plan = describe.memory_plan(config, item["num_devices"])
   return dict(plan=plan.describe(), microbatches=plan.microbatches, total_steps=total_steps,
-              num_train=num_train, num_train_source=source, step_s=step_s)
+              num_train=num_train, num_train_source=source, step_s=step_s,
+              batch=config.train.batch_size, num_workers=config.data.num_workers)
 
 
 def main() -> int:
