@@ -128,6 +128,7 @@ def rehearsal(tmp_path_factory):
   # The refused workdir cleared: a dry run plans it, then the rerun trains only it.
   (runs / "v2" / REFUSED / "run_info.json").unlink()
   out["dry"] = _sweep(root, data_dir, "--dry_run")
+  out["dry_h100"] = _sweep(root, data_dir, "--dry_run", "--target=h100")
   out["dry_logs"] = _logs(runs)
   out["rerun"] = _sweep(root, data_dir)
   out["rerun_status"] = _status(runs)
@@ -215,6 +216,11 @@ def test_dry_run_trains_nothing(rehearsal):
   assert re.search(r"vit_20m seed 2 .*train ", dry.stdout)
   assert dry.stdout.count("skip (finished, same config)") == 11
   assert rehearsal["dry_logs"] == rehearsal["task_logs"]
+  # For a GPU that is not here: the plan compiled for it, the time estimated, not measured.
+  h100 = rehearsal["dry_h100"]
+  assert h100.returncode == 0, h100.stderr
+  assert re.search(r"vit_20m: .*\(target h100: 75% of 79\.6 GiB\).* ms/step estimated for h100 "
+                   r"at 40% MFU", h100.stdout), h100.stdout
 
 
 def test_rerun_trains_only_what_is_missing(rehearsal):

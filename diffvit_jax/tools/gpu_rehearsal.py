@@ -136,13 +136,19 @@ def markdown(records: list[dict], meta: dict) -> str:
         f"{plan['breakdown']['temporaries'] / 2**30:.2f}",
         f"{plan['bytes_per_device'] / 2**30:.2f} of {plan['budget'] / 2**30:.1f}",
         str(r["microbatches"]), f"{r['step_tflop']:.1f} / {r['roofline_ms']:.0f}",
-        "n/a" if r["sweep_gpu_hours"] is None else f"{r['sweep_gpu_hours']:.1f}"])
+        "n/a" if r["sweep_gpu_hours"] is None else f"{r['sweep_gpu_hours']:.2g}"])
   failed = [r for r in records if not r["compiled"]]
   header = ["config", "target", "attention", "cuDNN fwd/bwd", "temp GiB",
             "step GiB of budget", "microbatches", "TFLOP / roofline ms", "GPU-h"]
-  reasons = sorted({(r["config"].split(",")[-1], r["attention"]["reason"])
+  reasons = sorted({(r["config"].split(",")[-1], r["attention"]["reason"].split(" [")[0])
                     for r in records if r["compiled"] and r["attention"]["impl"] != "cudnn"})
-  forms = {r["config"]: r["attention_gflop_per_image"] for r in records if r["compiled"]}
+  hours = {}
+  for r in records:
+    if r["compiled"] and r["sweep_gpu_hours"] is not None:
+      key = (r["config"].split(",")[-1], r["target"])
+      hours[key] = hours.get(key, 0.0) + r["sweep_gpu_hours"]
+  forms = {r["config"]: r["attention_gflop_per_image"] for r in records
+           if r["compiled"] and r["attention"]["impl"] == "cudnn"}
   form_rows = [[name, *(f"{f.get(k, math.nan):.2f}" for k in ("counted", "cudnn", "cudnn_mla"))]
                for name, f in forms.items() if f["cudnn"] != f["counted"]]
   return "\n".join([
@@ -159,8 +165,11 @@ def markdown(records: list[dict], meta: dict) -> str:
       "MFU.", "",
       tables.markdown_table(header, rows), "",
       *(f"- not cuDNN ({protocol}): {reason}" for protocol, reason in reasons), "",
-      "Attention GFLOP per image (forward + backward) of the forms that can run each "
-      "differential config: as counted (A1 - lambda A2 before one value product, the 'xla' "
+      f"The sweep's GPU-hours at {meta['mfu']:.0%} MFU, {meta['seeds']} seeds of every case "
+      "above: " + "; ".join(f"{protocol} on {target} {h:.2g}"
+                           for (protocol, target), h in sorted(hours.items())) + ".", "",
+      "Attention GFLOP per image (forward + backward) of each differential config that runs "
+      "cuDNN, by form: as counted (A1 - lambda A2 before one value product, the 'xla' "
       "path), the cuDNN call as run (q/k zero-padded to 2d) and cuDNN's MLA form on Hopper "
       "(q/k at d; compiles for the H100 here, not built: its graph is untested on a GPU).", "",
       tables.markdown_table(["config", "counted", "cuDNN (padded)", "cuDNN MLA"], form_rows),

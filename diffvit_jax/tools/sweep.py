@@ -82,6 +82,9 @@ def _define_flags() -> flags.FlagValues:
                       "CPU slots (JAX_PLATFORMS=cpu).", flag_values=fv)
   flags.DEFINE_integer("gpus_per_run", 1, "GPUs per run (data parallel).", flag_values=fv)
   flags.DEFINE_bool("dry_run", False, "Print the plan only.", flag_values=fv)
+  flags.DEFINE_string("target", "", "--dry_run: plan for this GPU (diffvit_jax/targets/: h100, "
+                      "a100, rtx4090), compiled for it here without one; times estimated at "
+                      "40% MFU.", flag_values=fv)
   flags.DEFINE_bool("status", False, "Print the state of every run and exit.", flag_values=fv)
   flags.DEFINE_bool("report", False, "Only write the report from the finished runs.",
                     flag_values=fv)
@@ -473,7 +476,8 @@ def _model_key(config) -> str:
 
 
 def plan_models(runs: list[Job], configs: dict, overrides: list[str], slot: Slot,
-                python: str, need_data: bool, root: str = "") -> dict[int, dict]:
+                python: str, need_data: bool, target: str = "",
+                root: str = "") -> dict[int, dict]:
   """run index -> its model's plan (tools/sweep_plan.py in a process on `slot`'s devices).
 
   With `root`, the plan compiles into the sweep's compilation cache, where the runs find it.
@@ -485,10 +489,11 @@ def plan_models(runs: list[Job], configs: dict, overrides: list[str], slot: Slot
     key = keys[run.index] = _model_key(configs[run.index])
     item = spec.setdefault(key, dict(key=key, config=run.config_arg, overrides=overrides,
                                      time=True, num_devices=slot.num_devices, labels=[],
-                                     need_data=need_data))
+                                     need_data=need_data, target=target))
     if f"{run.arch}_{run.size}" not in item["labels"]:  # overrides can make sizes one model
       item["labels"].append(f"{run.arch}_{run.size}")
-  env = dict(os.environ, **slot.env, **(compilation_cache.env(root) if root else {}))
+  env = {**os.environ, **slot.env, **(compilation_cache.env(root) if root else {}),
+         **({"JAX_PLATFORMS": "cpu"} if target else {})}  # a target compiles on the CPU
   proc = subprocess.run([python, "-m", "diffvit_jax.tools.sweep_plan"], input=json.dumps(
       list(spec.values())), capture_output=True, text=True, env=env, check=False)
   lines = proc.stdout.strip().splitlines()
@@ -553,7 +558,7 @@ def print_plan(runs, fv, overrides, slot_list, slot_line, plans, checks) -> None
       steps_line = (f"{steps} steps" if steps is not None else "steps unknown") + (
           f" ({plan['num_train']} training images, {plan['num_train_source']})"
           if plan["num_train"] else "")
-      timing = (f"; {plan['step_s'] * 1e3:.1f} ms/step measured "
+      timing = (f"; {plan['step_s'] * 1e3:.1f} ms/step {plan.get('step_source', 'measured')} "
                 f"({plan['batch'] / plan['step_s']:,.0f} images/s to supply), "
                 f"{_duration(plan['step_s'] * steps) if steps else '?'} of training steps per run"
                 if plan.get("step_s") else "")
@@ -782,6 +787,8 @@ def _run_main(argv: list[str]) -> int:
     overrides.append(f"--config.analysis.equivalence_margin={fv.equivalence_margin}")
   if sum([fv.dry_run, fv.status, fv.slurm, fv.report, fv.task_id is not None]) > 1:
     raise ConfigError("--dry_run, --status, --slurm, --report and --task_id are exclusive.")
+  if fv.target and not fv.dry_run:
+    raise ConfigError("--target plans for a GPU that is not here: it goes with --dry_run.")
   runs = run_list(fv)
   path = status_path(fv)
   if fv.status:
@@ -821,7 +828,8 @@ def _run_main(argv: list[str]) -> int:
   if fv.task_id is None:
     todo = [r for r in runs if checks[r.index][0] == 1]  # what is finished needs no plan
     plans = plan_models(todo, configs, overrides, slot_list[0], fv.python,
-                        need_data=not fv.dry_run, root=fv.root) if todo else {}
+                        need_data=not fv.dry_run, target=fv.target,
+                        root=fv.root) if todo else {}
     print_plan(runs, fv, overrides, slot_list, slot_line, plans, checks)
   if fv.dry_run:
     return 0

@@ -4,7 +4,8 @@ r"""The sweep's plan of each distinct model: memory plan, steps, timed warm-up (
 
 `tools/sweep.py` runs this in a process of its own, on the devices of its first slot, so
 that the sweep's own process never starts JAX (on a GPU it would hold memory the runs
-need). The spec is a JSON list of {"key", "config", "overrides", "num_devices", "time"};
+need). The spec is a JSON list of {"key", "config", "overrides", "num_devices", "time", "target"}
+(a GPU of diffvit_jax/targets/ to compile for instead of the slot's devices);
 the last line printed is one JSON object: key -> {"plan", "microbatches", "total_steps",
 "num_train", "step_s"} (step_s None off the GPU), or {"error": message} with exit code 2.
 """
@@ -49,8 +50,9 @@ def plan_one(item: dict) -> dict:
   total_steps = None
   if config.train.steps or num_train:
     total_steps = optim.total_train_steps(config.train, num_train or 0)
+  target = item.get("target", "")
   step_s = None
-  if item["time"] and jax.devices()[0].platform != "cpu":
+  if not target and item["time"] and jax.devices()[0].platform != "cpu":
     # One build, as the run's (this slot's devices): its plan is the one timed, and the
     # model compiles once here (the runs then find it in the compilation cache).
     start = time.perf_counter()
@@ -59,10 +61,15 @@ def plan_one(item: dict) -> dict:
     timed = bench.time_trainer(trainer, batch, config, TIMED_STEPS, WARMUP_STEPS, 1, start)
     step_s = timed["step_ms"] / 1e3
   else:
-    plan = describe.memory_plan(config, item["num_devices"])
+    plan = describe.memory_plan(config, item["num_devices"], target)
+  step_source = "measured"
+  if target:  # no GPU here to time: the step's FLOPs at the estimate's MFU
+    step_s = describe.step_seconds(config, target, item["num_devices"])
+    step_source = f"estimated for {target} at {describe.ESTIMATE_MFU:.0%} MFU"
   return dict(plan=plan.describe(), microbatches=plan.microbatches, total_steps=total_steps,
               num_train=num_train, num_train_source=source, step_s=step_s,
-              batch=config.train.batch_size, num_workers=config.data.num_workers)
+              step_source=step_source, batch=config.train.batch_size,
+              num_workers=config.data.num_workers)
 
 
 def main() -> int:
