@@ -272,8 +272,9 @@ def write_report(workdirs: list[str], out_dir: str, *, margin: float | None = No
                  "runs (mean over seeds). Top-1 at the other's wall time / FLOPs: each run's "
                  "validation curve read (linearly between evaluations) at the step where its "
                  "own wall time / FLOPs, taken as proportional to the step, equal the other "
-                 "architecture's whole run; '-' where that is beyond its end. A run cut short "
-                 "under a cosine schedule is not one trained for that budget.\n",
+                 "architecture's whole run; '-' where that is beyond the end of any of its "
+                 "runs (seeds). A run cut short under a cosine schedule is not one trained "
+                 "for that budget.\n",
                  secondary.compute_markdown(compute_rows)]
   else:
     sections += ["## Verdict\n",

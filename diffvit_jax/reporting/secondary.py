@@ -146,6 +146,13 @@ def _mean(values) -> float:
   return float(np.mean(values)) if values else math.nan
 
 
+def _mean_of_all(values) -> float:
+  """The mean, or NaN unless every run has a value (a mean over the runs that happen to
+  reach the other's budget would select them)."""
+  values = list(values)
+  return float(np.mean(values)) if values and all(map(math.isfinite, values)) else math.nan
+
+
 def compute_rows(comparisons) -> list[dict]:
   """Per matched pair: each architecture's cost and its top-1 at the other's budget."""
   rows = []
@@ -168,10 +175,10 @@ def compute_rows(comparisons) -> list[dict]:
       row.update({f"{role}_{k}": v for k, v in cost[role].items()})
       # At the other's budget: the same fraction of this run's steps (time and FLOPs
       # taken as proportional to the step).
-      row[f"{role}_top1_at_other_time"] = _mean(
+      row[f"{role}_top1_at_other_time"] = _mean_of_all(
           [_top1_at(r, cost[other]["wall"] / r.summary()["train_seconds"])
            for r in group.runs])
-      row[f"{role}_top1_at_other_flops"] = _mean(
+      row[f"{role}_top1_at_other_flops"] = _mean_of_all(
           [_top1_at(r, cost[other]["pflops"] / _train_pflops(r, group.gflops_per_image))
            for r in group.runs])
     rows.append(row)
