@@ -109,7 +109,9 @@ def build(config, mesh: Mesh, total_steps: int, *, num_train_examples: int | Non
     attention, model, plan, train_step, init = (step.attention, step.model, step.memory_plan,
                                                 step.train_step, step.init)
   else:
-    attention = attention_impl.resolve(config.model)
+    # The training rules (tokens given), so evaluation runs the path training ran.
+    attention = attention_impl.resolve(
+        config.model, tokens=stats.num_tokens(config.model, config.data.image_size))
     model, init = _model_and_init(config, mesh, attention, total_steps, num_train_examples)
     plan, train_step = None, None
   eval_step = steps.jit_steps(config, mesh, total_steps,
