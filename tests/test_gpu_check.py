@@ -137,6 +137,15 @@ def test_forms_pipeline_training_memory_sweep(dry_run):
   assert [r["name"] for r in report["memory"]["results"]] == [
       r["name"] for r in report["step_time"]["results"]]
   assert "peak_bytes_in_use" in report["memory"]
+  # The first planned step compiled again for a GPU description, as the rehearsal does: on
+  # the GPU that is this GPU's own (the first GPU session's comparison); here XLA:CPU's plan
+  # against the H100's (at these tiny sizes the GPU's workspaces outweigh the activations).
+  compared = report["memory"]["deviceless"]
+  first = report["memory"]["results"][0]
+  assert compared["target"] == "h100" and compared["name"] == first["name"]
+  assert compared["microbatches"] == first["microbatches"] and compared["ratio"] > 0
+  assert compared["deviceless_breakdown"]["arguments"] == first["breakdown"]["arguments"]
+  assert "compiled without the GPU for target h100" in dry_run[1]
   sweep = report["sweep"]
   assert sweep["complete"] and not sweep["missing"] and positive(sweep["hours"])
   assert len(sweep["results"]) == len(gpu_check.SWEEP_ARCHS) * len(gpu_check.SIZES)

@@ -420,7 +420,37 @@ def search_batch(check: Check, start: dict, name: str) -> dict:
 def memory(check: Check) -> dict:
   rows = [dict(name=r["name"], **r["memory_plan"]) for r in check.results("step_time")
           if "memory_plan" in r]
-  return dict(gpu_measure.device_memory(), results=rows)
+  return dict(gpu_measure.device_memory(), results=rows, deviceless=deviceless(check, rows))
+
+
+def deviceless(check: Check, rows: list[dict]) -> dict:
+  """The first planned config compiled again without the GPU, for the target description of
+  this GPU (diffvit_jax/targets/, as the GPU rehearsal compiles it), at the same
+  microbatches: how far the deviceless plan is from the device's own. The dry run compares
+  XLA:CPU's plan with the H100's."""
+  from diffvit_jax import targets
+  from diffvit_jax.tools import gpu_rehearsal
+
+  if not rows:
+    return dict(skipped="no step was planned")
+  kind = check.report["meta"]["device_kind"]
+  target = next((n for n in targets.NAMES if targets.load(n).device_kind == kind),
+                "h100" if check.scale.dry_run else None)
+  if target is None:
+    return dict(skipped=f"no target description in diffvit_jax/targets/ is a {kind!r}")
+  row = rows[0]
+  overrides = (*check.scale.overrides.items(), ("train.microbatches", str(row["microbatches"])))
+  case = gpu_rehearsal.Case(row["name"], target, tuple(overrides))
+  plan, note = check.attempt(f"deviceless {row['name']} for {target}",
+                             check.estimate(check.config(row["name"])),
+                             lambda: gpu_rehearsal.compile_case(case)[1].memory_plan)
+  if plan is None:
+    return dict(name=row["name"], target=target, **note)
+  return dict(name=row["name"], target=target, microbatches=row["microbatches"],
+              device_bytes_per_device=row["bytes_per_device"],
+              deviceless_bytes_per_device=plan.bytes_per_device,
+              ratio=plan.bytes_per_device / row["bytes_per_device"],
+              device_breakdown=row["breakdown"], deviceless_breakdown=plan.breakdown, **note)
 
 
 def sweep(check: Check) -> dict:
@@ -563,6 +593,14 @@ def section_markdown(name: str, entry: dict) -> str:
     parts.append(tables.markdown_table(list(columns), rows))
   if name == "memory" and "device" in entry:
     parts.append(f"Peak device memory of the process: {_gib(entry['peak_bytes_in_use'])} GiB.")
+    compared = entry.get("deviceless", {})
+    if "ratio" in compared:
+      parts.append(
+          f"{compared['name']} compiled without the GPU for target {compared['target']} (the "
+          f"GPU rehearsal's compile) at {compared['microbatches']} microbatch(es): "
+          f"{_gib(compared['deviceless_bytes_per_device'])} GiB per device against "
+          f"{_gib(compared['device_bytes_per_device'])} GiB compiled here "
+          f"(ratio {compared['ratio']:.2f}).")
   if name == "sweep" and entry.get("hours") is not None:
     parts.append(f"Total: {entry['hours']:.2f} device-hours ({entry['note']}).")
   return "\n\n".join(parts)

@@ -15,8 +15,9 @@ speed, cuDNN's graph, autotuned GEMMs or workspace sizes: `gpu_check` measures t
 
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the plugin's cuInit fails without a GPU
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if __name__ == "__main__":  # before JAX starts: the CUDA plugin's cuInit fails without a GPU
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
@@ -30,13 +31,17 @@ from absl import app, flags  # noqa: E402
 from diffvit_jax import config_lib, files, targets  # noqa: E402
 from diffvit_jax.errors import ConfigError, UserError  # noqa: E402
 
-_TARGETS = flags.DEFINE_string("targets", "h100,a100,rtx4090", "GPU targets (diffvit_jax/targets).")
-_PROTOCOLS = flags.DEFINE_string("protocols", "v2,seed", "Protocols of configs/tiny_imagenet.py.")
-_ARCHS = flags.DEFINE_string("archs", "", "Attention kinds (default: every registered one).")
-_SIZES = flags.DEFINE_string("sizes", ",".join(config_lib.MODEL_SIZES), "Model sizes.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per experiment, for the sweep's GPU-hours.")
-_MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOP utilisation assumed for the GPU-hours.")
-_OUT = flags.DEFINE_string("out", "benchmarks", "Folder for gpu_rehearsal.{json,md}.")
+
+def _define_flags() -> None:
+  """The command's flags, defined only when it runs (gpu_check imports this module)."""
+  flags.DEFINE_string("targets", "h100,a100,rtx4090", "GPU targets (diffvit_jax/targets).")
+  flags.DEFINE_string("protocols", "v2,seed", "Protocols of configs/tiny_imagenet.py.")
+  flags.DEFINE_string("archs", "", "Attention kinds (default: every registered one).")
+  flags.DEFINE_string("sizes", ",".join(config_lib.MODEL_SIZES), "Model sizes.")
+  flags.DEFINE_integer("seeds", 3, "Seeds per experiment, for the sweep's GPU-hours.")
+  flags.DEFINE_float("mfu", 0.4, "Model FLOP utilisation assumed for the GPU-hours.")
+  flags.DEFINE_string("out", "benchmarks", "Folder for gpu_rehearsal.{json,md}.")
+
 
 CUDNN_FORWARD, CUDNN_BACKWARD = '"__cudnn$fmhaSoftmax"', '"__cudnn$fmhaSoftmaxBackward"'
 
@@ -194,20 +199,21 @@ def main(argv):
   del argv
   import jax
 
+  fv = flags.FLAGS
   try:
-    todo = cases(_TARGETS.value, _PROTOCOLS.value, _ARCHS.value, _SIZES.value)
+    todo = cases(fv.targets, fv.protocols, fv.archs, fv.sizes)
     for name in {case.target for case in todo}:
       targets.devices(name)  # the plugin and each target file, checked before any work
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
-  out = pathlib.Path(_OUT.value)
+  out = pathlib.Path(fv.out)
   out.mkdir(parents=True, exist_ok=True)
-  meta = dict(jax=jax.__version__, seeds=_SEEDS.value, mfu=_MFU.value, elapsed_s=0.0,
+  meta = dict(jax=jax.__version__, seeds=fv.seeds, mfu=fv.mfu, elapsed_s=0.0,
               command="python -m diffvit_jax.tools.gpu_rehearsal " + " ".join(sys.argv[1:]))
   records, start = [], time.perf_counter()
   for i, case in enumerate(todo, 1):
-    record = rehearse(case, _SEEDS.value, _MFU.value)
+    record = rehearse(case, fv.seeds, fv.mfu)
     records.append(record)
     what = (f"{record['attention']['impl']}, {record['microbatches']} microbatch(es)"
             if record["compiled"] else record["error"])
@@ -222,4 +228,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
