@@ -10,7 +10,14 @@ entry there is a valid config value here.
 import ml_collections
 from ml_collections import config_dict
 
-from diffvit_jax.data import augment, corruptions, input_pipeline, sharding, sources
+from diffvit_jax.data import (
+  augment,
+  cluttered_digits,
+  corruptions,
+  input_pipeline,
+  sharding,
+  sources,
+)
 from diffvit_jax.errors import ConfigError, did_you_mean
 from diffvit_jax.models import attention_impl, norms, posemb, precision, registry
 
@@ -65,7 +72,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
 def data_config(**overrides) -> ml_collections.ConfigDict:
   """`config.data`: what the input pipeline reads."""
   d = ml_collections.ConfigDict()
-  d.source = "tiny_imagenet"  # 'tiny_imagenet' | 'tiny_imagenet_c' | 'image_folder' | 'digits'
+  d.source = "tiny_imagenet"  # a data source of data/sources.py (SOURCES)
   d.dir = ""  # TFDS data_dir (tiny_imagenet), root of <split>/<class>/<image> (image_folder)
   d.manual_dir = ""  # where tiny-imagenet-200.zip (or Tiny-ImageNet-C) was put by hand
   d.train_split = "train"
@@ -90,6 +97,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
   # published Tiny-ImageNet-C file did; False gives the corruption alone.
   d.corruption_jpeg = True
   d.on_bad_image = "skip"  # image_folder: 'skip' (count and warn) | 'error'
+  d.clutter = cluttered_digits.default_config()  # source='cluttered_digits': fragments, ...
   # grain worker processes: a count (0 = decode in the training process) or 'auto', the
   # host's cores shared among the sweep's concurrent runs less one (input_pipeline.num_workers).
   d.num_workers = config_dict.FieldReference(0, field_type=object)
@@ -161,6 +169,9 @@ def analysis_config(**overrides) -> ml_collections.ConfigDict:
   # TOST equivalence margin in points of top-1 (README: Results and analysis says why 1.0).
   a.equivalence_margin = 1.0
   a.alpha = 0.05  # level of the primary test (Holm over the sizes) and of TOST
+  # The family's axis where it is not the model size: this run's label on it (the clutter
+  # study: fragments per image). Comparisons of one protocol across levels form one family.
+  a.level = ""
   a.update(overrides)
   return a
 
@@ -286,6 +297,7 @@ def validate(config, *, mode: str = "train", num_devices: int | None = None) -> 
   _check_names(config)
   validate_model(config.model)
   _check_choices(config.data, "data.", node_is_section=True)
+  sources.check_source(config.data)
   _check_choices(config.train, "train.", node_is_section=True)
   m, d, t = config.model, config.data, config.train
   _check_positive_ints(config, ("data.image_size", "train.batch_size", "train.eval_batch_size",

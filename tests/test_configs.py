@@ -37,13 +37,14 @@ SHARED = {
     "data.eval_severity": 0, "data.on_bad_image": "skip", "data.read_threads": 2,
     "data.prefetch": 2, "data.mean": (0.485, 0.456, 0.406), "data.std": (0.229, 0.224, 0.225),
     "data.randaugment_interpolation": "bicubic", "data.corruption_jpeg": True,
+    "data.clutter": {"fragments": 0, "digit_scale": 3, "fragment_size": 8, "seed": 0},
     "train.eval_batch_size": 256, "train.schedule": "cosine", "train.num_epochs": 50.0,
     "train.steps": 0, "train.b1": 0.9, "train.b2": 0.999, "train.mix_prob": 1.0,
     "train.seed": 0, "train.eval_every": 500, "train.checkpoint_every": 500,
     "train.keep_checkpoints": 3, "train.log_every": 50, "train.on_nonfinite": "stop",
     "train.profile": False, "train.distributed": False, "train.microbatches": "auto",
     "train.device_memory_gib": 0.0, "train.stop_check_every": 100,
-    "analysis.equivalence_margin": 1.0, "analysis.alpha": 0.05,
+    "analysis.equivalence_margin": 1.0, "analysis.alpha": 0.05, "analysis.level": "",
 }
 PROTOCOLS = {
     # The study: fixed lr and warmup steps at its global batches, no augmentation at all.

@@ -31,7 +31,7 @@ def test_digits_are_upsampled_once_and_pickled_without_them():
   from PIL import Image
 
   source = digits.DigitsSource("train", 12)
-  gray = digits._split_arrays()["train"][0][5]
+  gray = digits.split_arrays()["train"][0][5]
   expected = np.asarray(Image.fromarray(gray).resize((12, 12), Image.BILINEAR).convert("RGB"))
   np.testing.assert_array_equal(source[5]["image"], expected)
   assert not source[5]["image"].flags.writeable  # a shared view: no transform may write to it

@@ -21,7 +21,7 @@ _SPLIT_SEED = 0
 
 
 @functools.lru_cache(maxsize=1)
-def _split_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def split_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
   # Imported here: scikit-learn takes a second to import, and only this source needs it.
   from sklearn.datasets import load_digits
   from sklearn.model_selection import train_test_split
@@ -44,7 +44,7 @@ class DigitsSource:
     if split not in SPLITS:
       raise DataError(f"The digits data set has splits {SPLITS}, not {split!r}; set "
                       "data.train_split / data.eval_split accordingly.")
-    self._pixels, self._labels = _split_arrays()[split]
+    self._pixels, self._labels = split_arrays()[split]
     self._image_size = image_size
     self._images = None
     self._lock = threading.Lock()

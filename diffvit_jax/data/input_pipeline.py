@@ -59,7 +59,8 @@ def create_train_iterator(data, *, global_batch_size: int, seed: int, process_in
   Images stay uint8 pixels: the jitted steps normalise them on the device.
 
   Train: global shuffle per epoch (seeded), infinite repeat, per-example
-  augmentation seeded by (seed, position in the stream), cut into global batches
+  augmentation seeded by (seed, position in the stream) (so is a source's `draw(index, rng)`,
+  where it has one: examples drawn anew every epoch), cut into global batches
   of which process p takes the contiguous block of rows [p * b, (p + 1) * b)
   (b = global batch / process count). Those rows are exactly where
   `sharding.shard_batch` puts process p's data in the global array, so every
@@ -83,8 +84,14 @@ def create_train_iterator(data, *, global_batch_size: int, seed: int, process_in
                     f"than one global batch of {global_batch_size}.")
   if seed < 0:
     raise ConfigError(f"config.train.seed: must be >= 0, got {seed}.")
-  shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-  ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
+  shuffle_seed, augment_seed, draw_seed = (
+      int(s) for s in np.random.SeedSequence(seed).generate_state(3))
+  draw = getattr(source, "draw", None)  # a source whose examples are drawn anew each read
+  if draw is None:
+    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
+  else:
+    ds = grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed).repeat()
+    ds = ds.random_map(draw, seed=draw_seed)
   # Augmentation before the per-process slice: its randomness then follows the
   # global stream position, so no two hosts draw the same crops.
   ds = ds.random_map(transform, seed=augment_seed)

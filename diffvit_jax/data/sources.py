@@ -9,6 +9,7 @@ and `class_names`, and pickles cheaply (grain sends it to worker processes).
                    Tiny-ImageNet-C files (<manual_dir>/Tiny-ImageNet-C/<corruption>/<severity>/)
   image_folder     <data.dir>/<split>/<class>/<image>
   digits           scikit-learn's bundled 8x8 digits
+  cluttered_digits those digits at random places among fragments of others (data.clutter)
 """
 
 import dataclasses
@@ -18,7 +19,7 @@ import os
 import pathlib
 import zipfile
 
-from diffvit_jax.data import digits, image_folder, images
+from diffvit_jax.data import cluttered_digits, digits, image_folder, images
 from diffvit_jax.errors import ConfigError, DataError
 
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -50,6 +51,12 @@ def _digits(data, split: str):
   return digits.DigitsSource(split, data.image_size)
 
 
+def _cluttered_digits(data, split: str):
+  c = data.clutter
+  return cluttered_digits.ClutteredDigitsSource(
+      split, data.image_size, c.fragments, c.digit_scale, c.fragment_size, c.seed)
+
+
 # `data.source` -> (data config, split name) -> source. The config schema takes its
 # choices from here: a new data set is a module plus one entry.
 SOURCES = {
@@ -57,13 +64,18 @@ SOURCES = {
     "tiny_imagenet_c": _tiny_imagenet,  # corrupted evaluations read the published files
     "image_folder": _image_folder,
     "digits": _digits,
+    "cluttered_digits": _cluttered_digits,
 }
+# Checks of a source's own config fields, run by config validation before any work.
+CHECKS = {"cluttered_digits": cluttered_digits.check}
 
 
 def check_source(data) -> None:
   if data.source not in SOURCES:
     raise ConfigError(f"config.data.source: {data.source!r} is not one of "
                       f"{', '.join(map(repr, SOURCES))}.")
+  if data.source in CHECKS:
+    CHECKS[data.source](data)
 
 
 def get_source(data, split: str):

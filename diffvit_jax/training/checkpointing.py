@@ -74,6 +74,8 @@ def run_identity(config) -> dict[str, Any]:
 
 
 def _jsonable(value):
+  if hasattr(value, "to_dict"):  # a config section within a section (data.clutter)
+    return {k: _jsonable(v) for k, v in value.to_dict().items()}
   return list(value) if isinstance(value, tuple) else value
 
 
