@@ -19,7 +19,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from diffvit_jax import compilation_cache, cpu_runtime, distributed, files, models
 from diffvit_jax.data import input_pipeline, sharding
 from diffvit_jax.errors import ConfigError, DivergenceError, Preempted
-from diffvit_jax.evaluation import per_example
+from diffvit_jax.evaluation import attention_share, per_example
 from diffvit_jax.training import checkpointing, optim, steps
 from diffvit_jax.training import trainer as trainer_lib
 from diffvit_jax.training.optim import total_train_steps  # noqa: F401  (the loop's API)
@@ -314,6 +314,7 @@ def _train_and_evaluate(config, workdir: str, guard: PreemptionGuard) -> dict:
             guard.exit_code if guard.signal_name else 128 + signal.SIGTERM.value)
 
   per_example.write_final(state, config, mesh, workdir, total_steps)  # The report pairs by it.
+  attention_share.write_final(state, config, workdir, total_steps)  # sources with patch kinds
   ckpt.wait()
   ckpt.close()
   run_info["train_seconds"] += time.monotonic() - session_start
