@@ -14,8 +14,8 @@ from absl import flags  # noqa: E402
 
 from diffvit_jax.errors import DataError, UserError  # noqa: E402
 from diffvit_jax.models import registry  # noqa: E402
+from diffvit_jax.reporting import levels, plots, secondary, tables, verdict  # noqa: E402
 from diffvit_jax.reporting import manifest as manifest_lib  # noqa: E402
-from diffvit_jax.reporting import plots, secondary, tables, verdict  # noqa: E402
 from diffvit_jax.reporting import runs as runs_lib  # noqa: E402
 
 
@@ -275,7 +275,8 @@ def write_report(workdirs: list[str], out_dir: str, *, margin: float | None = No
                  "architecture's whole run; '-' where that is beyond the end of any of its "
                  "runs (seeds). A run cut short under a cosine schedule is not one trained "
                  "for that budget.\n",
-                 secondary.compute_markdown(compute_rows)]
+                 secondary.compute_markdown(compute_rows),
+                 *levels.sections(comparisons, plan_, out_dir, written)]
   else:
     sections += ["## Verdict\n",
                  "No verdict: these runs hold no parameter-matched pair of a differential and a "

@@ -196,11 +196,15 @@ def _shape_key(run: Run) -> tuple:
 
 
 def assign_sizes(runs: list[Run]) -> None:
-  """Sets `run.size`: from the name ('vit_10m,v2' -> '10m'), else from the model shape."""
+  """Sets `run.size`: the study's level where it names one (analysis.level), else from the
+  name ('vit_10m,v2' -> '10m'), else from the model shape."""
   unnamed: dict[tuple, list[Run]] = {}
   for run in runs:
     match = _SIZE_IN_NAME.search(run.name)
-    if match:
+    level = run.info.get("config", {}).get("analysis", {}).get("level")
+    if level:
+      run.size = level
+    elif match:
       run.size = match.group(1).lower()
     else:
       unnamed.setdefault((run.protocol, _shape_key(run)), []).append(run)
@@ -249,6 +253,11 @@ class Group:
   @property
   def seeds(self) -> list[int]:
     return sorted(r.seed for r in self.runs)
+
+  @property
+  def level(self) -> str:
+    """The study's level (analysis.level, e.g. '8 fragments'); '' where the axis is size."""
+    return self.runs[0].info.get("config", {}).get("analysis", {}).get("level") or ""
 
   def sort_key(self):
     order = list(registry.ARCHS)

@@ -10,6 +10,7 @@
 """
 
 import math
+import re
 
 import numpy as np
 
@@ -38,13 +39,32 @@ def _planned_sizes(key: tuple, plan: tables.Plan, present: int) -> int:
   return sum(1 for p in plan.design.family if (p.protocol, p.model_arch) == key)
 
 
+def level_value(level: str) -> float:
+  """The number a level label starts with ('8 fragments' -> 8.0)."""
+  return float(re.match(r"\s*(\d+(?:\.\d+)?)", level).group(1))
+
+
+def level_unit(level: str) -> str:
+  """What one step of a level counts ('8 fragments' -> 'fragment'); '' without a level."""
+  unit = re.sub(r"^\s*\d+(?:\.\d+)?\s*", "", level)
+  return unit[:-1] if unit.endswith("s") else unit
+
+
+def _axis_value(comparison) -> float:
+  """x of the trend: the study's level where it has one (the clutter study's interaction:
+  the difference against fragments per image), else log10(parameters)."""
+  level = comparison.model.level
+  return level_value(level) if level else float(np.log10(comparison.baseline.params))
+
+
 def pooled_rows(comparisons, plan: tables.Plan | None = None) -> list[dict]:
-  """Per family: pooled effect, trend with size, P(better); per size: pairing."""
+  """Per family: pooled effect, trend with size (or level: the interaction), P(better); per
+  size: pairing."""
   plan = plan or tables.Plan()
   rows = []
   for (protocol, arch), members in _families(comparisons, plan).items():
     key = dict(protocol=protocol, arch=arch, baseline=members[0].baseline.arch)
-    sizes, means, variances, dfs, params, groups = [], [], [], [], [], []
+    sizes, means, variances, dfs, axis, groups = [], [], [], [], [], []
     for comparison in members:
       seeds = comparison.seeds(plan.seeds)
       d = comparison.differences(METRIC, seeds)
@@ -63,7 +83,7 @@ def pooled_rows(comparisons, plan: tables.Plan | None = None) -> list[dict]:
         means.append(paired.mean)
         variances.append(paired.std ** 2 / len(d))
         dfs.append(len(d) - 1)
-        params.append(comparison.baseline.params)
+        axis.append(_axis_value(comparison))
     planned = _planned_sizes((protocol, arch), plan, len(members))
     over = f"{len(sizes)} of {planned} planned size{'s' if planned != 1 else ''}"
     if sizes:
@@ -71,9 +91,10 @@ def pooled_rows(comparisons, plan: tables.Plan | None = None) -> list[dict]:
       rows.append(dict(key, kind="pooled", sizes=" ".join(sizes), over=over,
                        estimate=pooled.estimate, low=pooled.low, high=pooled.high, df=pooled.df))
     if len(sizes) >= 2:
-      trend = verdict.contrast(verdict.slope_weights(np.log10(params)), means, variances, dfs)
+      trend = verdict.contrast(verdict.slope_weights(axis), means, variances, dfs)
       rows.append(dict(key, kind="trend", sizes=" ".join(sizes), over=over,
-                       estimate=trend.estimate, low=trend.low, high=trend.high, df=trend.df))
+                       estimate=trend.estimate, low=trend.low, high=trend.high, df=trend.df,
+                       per=level_unit(members[0].model.level) or "10x parameters"))
     if groups:
       point, low, high = verdict.prob_improvement_interval(groups)
       rows.append(dict(key, kind="p_better", sizes=" ".join(c.model.size for c in members),
@@ -86,7 +107,6 @@ def pooled_markdown(rows: list[dict]) -> str:
   header = ["protocol", "comparison", "reading", "over", "estimate", "95% interval"]
   body = []
   names = {"pooled": "pooled effect (equal weights over sizes)",
-           "trend": "trend: change of the difference per 10x parameters",
            "p_better": "P(model > ViT), a run of each"}
   for r in rows:
     if r["kind"] == "pairing":
@@ -99,7 +119,9 @@ def pooled_markdown(rows: list[dict]) -> str:
       value = tables._signed(r["estimate"], METRIC)
       bounds = (f"{tables._bounds(r['low'], r['high'], METRIC)} "
                 f"(t, {r['df']:.1f} df)" if math.isfinite(r["low"]) else "-")
-    body.append([r["protocol"], comparison, names[r["kind"]], r["over"], value, bounds])
+    name = (f"trend: change of the difference per {r['per']}" if r["kind"] == "trend"
+            else names[r["kind"]])
+    body.append([r["protocol"], comparison, name, r["over"], value, bounds])
   table = tables.markdown_table(header, body, "llllrr")
   pairing = [r for r in rows if r["kind"] == "pairing"]
   if not pairing:

@@ -1,0 +1,226 @@
+"""A study over levels (the clutter study): accuracy against the level, attention per layer.
+
+For the comparisons whose runs name a level (analysis.level, e.g. '8 fragments'):
+- accuracy against the level, both architectures, and their paired difference with the
+  least-squares slope (the interaction; its interval is in the secondary table);
+- where each layer's attention lands (the runs' attention_share.json): the share on target,
+  clutter and empty patches, mean over seeds with a 95% t-interval over seeds, and the
+  paired difference of the model minus the baseline per layer.
+Descriptive: the verdict per level (Holm across levels) is the report's primary table.
+"""
+
+import math
+import os
+
+import numpy as np
+
+from diffvit_jax.evaluation import attention_share
+from diffvit_jax.models import registry
+from diffvit_jax.reporting import secondary, tables, verdict
+
+KINDS = attention_share.KINDS
+
+
+def _interval(values) -> tuple[float, float, float]:
+  """(mean, low, high): the 95% t-interval over seeds (NaN bounds below 2 values)."""
+  result = verdict.paired_interval(values)
+  return result.mean, result.low, result.high
+
+
+def level_comparisons(comparisons, plan: tables.Plan) -> list[tables.Comparison]:
+  """The matched comparisons with a level, in level order (planned seeds only, see `seeds`)."""
+  chosen = [c for c in comparisons if c.matched and c.model.level]
+  return sorted(chosen, key=lambda c: (c.model.protocol, c.model.arch,
+                                       secondary.level_value(c.model.level)))
+
+
+def _shares(group, seeds) -> dict[int, dict]:
+  """seed -> attention_share.json of that run (runs without one are left out)."""
+  out = {}
+  for run in group.runs:
+    if run.seed in seeds and (found := attention_share.read(run.workdir)) is not None:
+      out[run.seed] = found
+  return out
+
+
+def attention_rows(comparisons, plan: tables.Plan) -> list[dict]:
+  """Per level, layer, kind and architecture (and the paired difference): share and
+  enrichment over the planned seeds, mean and 95% t-interval over seeds."""
+  rows = []
+  for c in level_comparisons(comparisons, plan):
+    seeds = c.seeds(plan.seeds)
+    base, mine = _shares(c.baseline, seeds), _shares(c.model, seeds)
+    paired = sorted(set(base) & set(mine))
+    if not paired:
+      continue
+    depth = len(base[paired[0]]["layers"])
+    for layer in range(depth):
+      for k, kind in enumerate(KINDS):
+        for who, found in (("baseline", base), ("model", mine), ("difference", None)):
+          if found is None:
+            share = [mine[s]["layers"][layer]["share"][k] - base[s]["layers"][layer]["share"][k]
+                     for s in paired]
+            enrich = [math.nan]
+            arch = f"{c.model.arch} - {c.baseline.arch}"
+          else:
+            share = [found[s]["layers"][layer]["share"][k] for s in paired]
+            enrich = [found[s]["layers"][layer]["enrichment"][k] for s in paired]
+            enrich = [math.nan if e is None else e for e in enrich]
+            arch = (c.baseline if who == "baseline" else c.model).arch
+          mean, low, high = _interval(share)
+          rows.append(dict(protocol=c.model.protocol, level=c.model.level, layer=layer + 1,
+                           kind=kind, arch=arch, role=who, seeds=" ".join(map(str, paired)),
+                           share_mean=mean, share_low=low, share_high=high,
+                           enrichment_mean=float(np.mean(enrich)),
+                           per_seed=" ".join(f"{v:.4f}" for v in share)))
+    negative = [[mine[s]["layers"][i]["negative"] for s in paired] for i in range(depth)]
+    rows += [dict(protocol=c.model.protocol, level=c.model.level, layer=i + 1,
+                  kind="negative mass", arch=c.model.arch, role="model",
+                  seeds=" ".join(map(str, paired)), share_mean=float(np.mean(v)),
+                  share_low=math.nan, share_high=math.nan, enrichment_mean=math.nan,
+                  per_seed=" ".join(f"{x:.4f}" for x in v)) for i, v in enumerate(negative)]
+  return rows
+
+
+def _cell(r) -> str:
+  text = f"{100 * r['share_mean']:.1f}"
+  if math.isfinite(r["share_low"]):
+    text += f" [{100 * r['share_low']:.1f}, {100 * r['share_high']:.1f}]"
+  return text
+
+
+def attention_markdown(rows: list[dict]) -> str:
+  """One table: per level and layer, target and clutter share of both archs and the paired
+  difference (the empty share is 100% minus the two; all three are in attention.csv)."""
+  index = {(r["level"], r["layer"], r["kind"], r["role"]): r for r in rows}
+  keys = list(dict.fromkeys((r["level"], r["layer"]) for r in rows if r["role"] == "baseline"))
+  if not keys:
+    return ""
+  first = next(r for r in rows if r["role"] == "difference")
+  base, model = first["arch"].split(" - ")[1], first["arch"].split(" - ")[0]
+  b, m = registry.label(base), registry.label(model)
+  header = ["level", "layer"]
+  for kind in ("target", "clutter"):
+    header += [f"{b} {kind} %", f"{m} {kind} %", f"{m} − {b} {kind} (pp)"]
+  header.append(f"{m} negative mass %")
+  body = []
+  for level, layer in keys:
+    line = [level, str(layer)]
+    for kind in ("target", "clutter"):
+      line += [_cell(index[(level, layer, kind, role)])
+               for role in ("baseline", "model", "difference")]
+    neg = index.get((level, layer, "negative mass", "model"))
+    line.append(f"{100 * neg['share_mean']:.1f}" if neg else "-")
+    body.append(line)
+  return tables.markdown_table(header, body, "ll" + "r" * (len(header) - 2))
+
+
+def accuracy_figure(comparisons, plan: tables.Plan):
+  """Final top-1 against the level (both archs, mean and 95% t-interval over seeds) and the
+  paired difference with its least-squares line."""
+  import matplotlib.pyplot as plt
+
+  from diffvit_jax.reporting import plots
+
+  chosen = level_comparisons(comparisons, plan)
+  fig, (ax, dx) = plt.subplots(1, 2, figsize=(10, 3.8))
+  x = np.array([secondary.level_value(c.model.level) for c in chosen])
+  for role in ("baseline", "model"):
+    stats = []
+    for c in chosen:
+      base, mine = tables._per_seed_values(c, tables.PRIMARY_METRIC, c.seeds(plan.seeds))
+      stats.append(_interval(base if role == "baseline" else mine))
+    group = chosen[0].baseline if role == "baseline" else chosen[0].model
+    mean, low, high = (100 * np.array(v) for v in zip(*stats, strict=True))
+    ax.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o", capsize=3,
+                color=plots.COLORS.get(group.arch), label=group.label)
+  diffs = [100 * np.array(c.differences(tables.PRIMARY_METRIC, c.seeds(plan.seeds)))
+           for c in chosen]
+  mean, low, high = (np.array(v) for v in zip(*(_interval(d) for d in diffs), strict=True))
+  dx.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o", capsize=3, color="black",
+              label="mean [95% t-interval]")
+  for xi, d in zip(x, diffs, strict=True):
+    dx.scatter(np.full(len(d), xi), d, s=10, color="grey", alpha=0.7, zorder=3)
+  if len(x) >= 2:
+    slope = float(np.dot(verdict.slope_weights(x), mean))
+    dx.plot(x, mean.mean() + slope * (x - x.mean()), "--", color="tab:purple",
+            label=f"slope {slope:+.3f} pp per {secondary.level_unit(chosen[0].model.level)}")
+  dx.axhline(0, color="grey", lw=0.8)
+  unit = secondary.level_unit(chosen[0].model.level) + "s"
+  ax.set(xlabel=unit, ylabel="final validation top-1 (%)", title="Accuracy against clutter")
+  dx.set(xlabel=unit, ylabel=f"{chosen[0].model.label} − {chosen[0].baseline.label} (pp)",
+         title="Paired difference per seed (grey) and its mean")
+  for a in (ax, dx):
+    a.set_xticks(x)
+    a.legend(fontsize=8)
+  fig.tight_layout()
+  return fig
+
+
+def attention_figure(rows: list[dict]):
+  """Share of attention on target / clutter patches against the layer: one column per level,
+  both archs, mean and 95% t-interval over seeds."""
+  import matplotlib.pyplot as plt
+
+  from diffvit_jax.reporting import plots
+
+  levels = list(dict.fromkeys(r["level"] for r in rows))
+  kinds = ("target", "clutter", "empty")
+  fig, axes = plt.subplots(len(kinds), len(levels), figsize=(3.2 * len(levels), 7.5),
+                           squeeze=False, sharey="row")
+  for j, level in enumerate(levels):
+    for i, kind in enumerate(kinds):
+      ax = axes[i, j]
+      for role in ("baseline", "model"):
+        mine = [r for r in rows if (r["level"], r["kind"], r["role"]) == (level, kind, role)]
+        if not mine:
+          continue
+        layer = np.array([r["layer"] for r in mine])
+        mean = 100 * np.array([r["share_mean"] for r in mine])
+        low = 100 * np.array([r["share_low"] for r in mine])
+        high = 100 * np.array([r["share_high"] for r in mine])
+        ax.errorbar(layer, mean, yerr=[mean - low, high - mean], marker="o", capsize=3,
+                    color=plots.COLORS.get(mine[0]["arch"]), label=registry.label(mine[0]["arch"]))
+        ax.set_xticks(layer)
+      if i == 0:
+        ax.set_title(level)
+      if j == 0:
+        ax.set_ylabel(f"attention on {kind} patches (%)")
+      if i == len(kinds) - 1:
+        ax.set_xlabel("layer")
+  axes[0, 0].legend(fontsize=8)
+  fig.suptitle("Where attention lands (DiffViT: (A1 − λA2) / (1 − λ)); mean over seeds, "
+               "95% t-interval", fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def sections(comparisons, plan: tables.Plan, out_dir: str, written: dict) -> list[str]:
+  """The report's markdown for a level study (writes attention.csv and the two figures);
+  [] when no comparison has a level."""
+  from diffvit_jax.reporting import plots
+
+  if not level_comparisons(comparisons, plan):
+    return []
+  out = ["\n## Across levels: accuracy and where attention lands\n",
+         "Descriptive, from the planned seeds; the verdict per level is above (Holm across "
+         "levels). The interaction (does the difference grow with the level?) is the trend row "
+         "of the secondary table: the least-squares slope of the per-level mean paired "
+         "difference against the level, with its Welch-Satterthwaite t-interval.\n"]
+  png = plots.save(accuracy_figure(comparisons, plan), os.path.join(out_dir, "accuracy_levels"))[0]
+  written["accuracy_levels.png"] = png
+  out.append(f"![accuracy against the level]({os.path.relpath(png, out_dir)})\n")
+  rows = attention_rows(comparisons, plan)
+  if rows:
+    tables.write_csv(rows, written.setdefault("attention.csv", f"{out_dir}/attention.csv"))
+    png = plots.save(attention_figure(rows), os.path.join(out_dir, "attention_share"))[0]
+    written["attention_share.png"] = png
+    out += ["Attention share per layer on the validation set (evaluation/attention_share.py): "
+            "the mass on target and clutter patches, averaged over heads and query tokens, in "
+            "%, mean over seeds [95% t-interval over seeds]; the difference is paired by seed. "
+            "DiffViT's map is A1 − λA2 divided by its row sum 1 − λ; its negative entries are "
+            "kept, and their mass per row is the last column. Enrichment (the share over the "
+            "patches' fraction) and the empty patches are in attention.csv.\n",
+            attention_markdown(rows), "",
+            f"![attention share per layer]({os.path.relpath(png, out_dir)})\n"]
+  return out
