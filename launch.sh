@@ -26,6 +26,12 @@
 #   ./launch.sh gpu_check [--dry_run] [--out DIR]
 #                                          what only a GPU can tell (<10 min on one H100/H200):
 #                                          -> benchmarks/gpu_check.{json,md}; --dry_run: CPU, tiny
+#   ./launch.sh clutter [seeds] [sweep flags]
+#                                          the clutter study (CPU, < 1 h on 2 cores): ViT vs
+#                                          DiffViT on cluttered digits at 0/4/8/16 fragments,
+#                                          seeds "0 1 2" by default; runs/clutter, then the
+#                                          verdict per level, the interaction and the attention
+#                                          shares in reports/clutter/report.md
 #   ./launch.sh study [seeds]              ViT vs DiffViT on digits (CPU), seeds "0 1 2 3 4" by
 #                                          default: runs/study/<arch>/seed<k>, then the verdict
 #                                          with its confidence interval in reports/study/report.md
@@ -122,12 +128,56 @@ train() {  # train CONFIG WORKDIR [flags...]
   "$PY" -m diffvit_jax.main --config "$config" --workdir "$workdir" "$@" ${EXTRA_ARGS:-}
 }
 
+progress() {  # progress ROOT PID...: every 15 s, each run's last progress line, while any runs
+  local root="$1" line arch n=0
+  shift
+  while kill -0 "$@" 2>/dev/null; do
+    sleep 1
+    n=$((n + 1))
+    [ $((n % 15)) -eq 0 ] || continue
+    line=""
+    for arch in vit diffvit; do
+      line+="$arch $(grep -o '[0-9.]* steps/s, [0-9.]*% ([0-9]*/[0-9]*)' \
+        "$root/$arch/train.log" 2>/dev/null | tail -n 1 || true)   "
+    done
+    echo "   $line"
+  done
+}
+
 quickstart() {
   setup
-  local root=runs/quickstart start=$SECONDS
+  local root=runs/quickstart start=$SECONDS shares=1 pids=() arch i
+  # Both models at once, each pinned to its own share of the cores where there are two:
+  # their tiny steps gain little from a second thread (benchmarks/RESULTS.md, "Quickstart:
+  # two runs at once"). Elsewhere one after the other.
+  if [ "$("$PY" -c 'import os; print(len(os.sched_getaffinity(0)))' 2>/dev/null || echo 1)" -ge 2 ]
+  then shares=2; fi
   for arch in vit diffvit; do
-    echo "== training $arch on digits (CPU) -> $root/$arch"
-    JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" train "configs/digits.py:$arch" "$root/$arch"
+    mkdir -p "$root/$arch"
+    if [ "$shares" -eq 2 ]; then
+      echo "== training $arch on digits (CPU, cores share ${#pids[@]}/2) -> $root/$arch" \
+        "(log: $root/$arch/train.log)"
+      DIFFVIT_CPU_SHARE="${#pids[@]}/2" JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" \
+        train "configs/digits.py:$arch" "$root/$arch" >"$root/$arch/train.log" 2>&1 &
+      pids+=($!)
+    else
+      echo "== training $arch on digits (CPU) -> $root/$arch"
+      JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" train "configs/digits.py:$arch" "$root/$arch"
+    fi
+  done
+  if [ "$shares" -eq 2 ]; then
+    trap 'kill -TERM "${pids[@]}" 2>/dev/null' INT TERM  # each run saves and exits
+    progress "$root" "${pids[@]}"
+  fi
+  i=0
+  for arch in vit diffvit; do
+    [ "$shares" -eq 2 ] || break
+    if ! wait "${pids[$i]}"; then
+      tail -n 20 "$root/$arch/train.log" >&2
+      echo "training $arch failed, see $root/$arch/train.log" >&2
+      exit 1
+    fi
+    i=$((i + 1))
   done
   echo "== training took $((SECONDS - start)) s"
   "$PY" - "$root" <<'PYEOF'
@@ -236,6 +286,20 @@ study() {  # study [seeds]: paired seeds of ViT and DiffViT, so the report can d
     --manifest "$root/study.json"
 }
 
+clutter() {  # clutter [seeds] [sweep flags...]: the clutter study (configs/clutter.py)
+  setup
+  local seeds="${1:-0 1 2}" levels slots
+  shift || true
+  levels=$("$PY" -c 'import sys; sys.path.insert(0, "configs"); import clutter; print(*clutter.LEVELS)')
+  slots=$("$PY" -c 'import os; print(len(os.sched_getaffinity(0)))' 2>/dev/null || echo 1)
+  # The sweep: the design in runs/clutter/clutter/study.json first, one run per core (each
+  # pinned to its own), finished runs skipped, failures recorded, then the report.
+  # shellcheck disable=SC2086
+  JAX_PLATFORMS=cpu "$PY" -m diffvit_jax.tools.sweep --study clutter --protocol clutter \
+    --sizes "$levels" --seeds "$seeds" --devices "cpu:$slots" --root runs/clutter \
+    --reports reports/clutter "$@" ${EXTRA_ARGS:-}
+}
+
 cmd="${1:-}"
 shift || true
 case "$cmd" in
@@ -245,6 +309,7 @@ case "$cmd" in
   tiny_imagenet) tiny_imagenet "$@" ;;
   report) report "$@" ;;
   study) study "$@" ;;
+  clutter) clutter "$@" ;;
   multihost) setup && "$PY" -m diffvit_jax.tools.multihost "$@" ;;
   gpu_check) gpu_check "$@" ;;
   gpu_rehearsal) gpu_rehearsal "$@" ;;

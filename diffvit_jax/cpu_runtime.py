@@ -6,6 +6,11 @@
   queued XLA:CPU execution holds its own temp buffer and slows the running one); on an
   accelerator it waits for the step of STEPS_IN_FLIGHT steps ago, which keeps the device busy
   while bounding the batches queued executions hold (PJRT would queue dozens).
+- Core share: with DIFFVIT_CPU_SHARE=i/n the process pins itself to the i-th of n disjoint
+  shares of its cores (`cpu_shares`), so that XLA sizes its thread pool by them. What runs
+  small models side by side (the quickstart, the sweep's CPU slots) sets it: one core's tiny
+  steps gain little from a second thread, so n runs at once on disjoint cores train more per
+  second than n runs in turn (benchmarks/RESULTS.md, "Quickstart: two runs at once").
 - `dense_dot_general`: a Dense whose weight gradient dW = x^T dy comes from a transposed x,
   so XLA:CPU does not fuse dy's whole producer chain into a transpose of dy per layer.
   Same values; the trainer gives it to the model on the CPU unless `model.cpu_dense_grad=False`.
@@ -27,6 +32,7 @@ _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_pl
                         "jax_rocm7_plugin", "libtpu")
 
 _applied = None
+CPU_SHARE_ENV = "DIFFVIT_CPU_SHARE"
 
 
 def cpu_only() -> bool:
@@ -51,16 +57,48 @@ def keep_freed_memory_mapped() -> bool:
   return bool(ok)
 
 
+def cpu_shares(count: int) -> list[tuple[int, ...]]:
+  """This process's cores dealt into `count` disjoint shares; all () (no pinning) when there
+  are fewer cores than shares or no affinity call (not Linux)."""
+  if count < 1 or not hasattr(os, "sched_getaffinity"):
+    return [()] * max(count, 0)
+  cores = sorted(os.sched_getaffinity(0))
+  if len(cores) < count:
+    return [()] * count
+  return [tuple(cores[i::count]) for i in range(count)]
+
+
+def pin_to_share() -> tuple[int, ...]:
+  """Pins this process to the share DIFFVIT_CPU_SHARE='i/n' names; returns its cores (())."""
+  value = os.environ.get(CPU_SHARE_ENV, "").strip()
+  if not value:
+    return ()
+  try:
+    index, count = (int(v) for v in value.split("/"))
+    if not 0 <= index < count:
+      raise ValueError
+  except ValueError:
+    from diffvit_jax.errors import ConfigError
+
+    raise ConfigError(f"{CPU_SHARE_ENV}={value!r}: expected 'i/n' with 0 <= i < n, e.g. "
+                      "'0/2' (the first of two disjoint shares of this process's cores).") from None
+  cores = cpu_shares(count)[index]
+  if cores:
+    os.sched_setaffinity(0, cores)
+  return cores
+
+
 def apply_cpu_defaults() -> dict:
   """Applies the CPU settings once if JAX will run on the CPU; returns what was done."""
   global _applied
   if _applied is not None:
     return _applied
-  _applied = dict(cpu=False, allocator=False)
+  _applied = dict(cpu=False, allocator=False, cores=())
   if os.environ.get("DIFFVIT_CPU_DEFAULTS", "1") == "0" or not cpu_only():
     return _applied
   _applied["cpu"] = True
   _applied["allocator"] = keep_freed_memory_mapped()
+  _applied["cores"] = pin_to_share()
   return _applied
 
 
@@ -144,6 +182,7 @@ def model_dot_general(model_config, backend: str):
 def describe(model) -> dict:
   """What of this module applies to `model` in this process (logged, and in run_info.json)."""
   return dict(allocator=bool(_applied and _applied["allocator"]),
+              cores=list(_applied["cores"]) if _applied and _applied["cores"] else "all",
               max_steps_in_flight=max_steps_in_flight(),
               dense_weight_gradient=("from transposed x" if model.dot_general is dense_dot_general
                                      else "autodiff"))

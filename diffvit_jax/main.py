@@ -124,9 +124,9 @@ def main(argv):
 def run():
   # The process's set-up, before TensorFlow (it only serves CLU) and JAX initialise.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  cpu_runtime.apply_cpu_defaults()
   flags.mark_flags_as_required(["workdir"])
   try:
+    cpu_runtime.apply_cpu_defaults()
     app.run(main, flags_parser=config_cli.flags_parser)
   except UserError as e:  # Raised while the config file itself was being loaded.
     print(f"error: {e}", file=sys.stderr)

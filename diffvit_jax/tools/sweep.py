@@ -43,15 +43,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # --status reads TensorBoard
 
 from absl import flags  # noqa: E402
 
-from diffvit_jax import cli, files  # noqa: E402
+from diffvit_jax import cli, cpu_runtime, files  # noqa: E402
 from diffvit_jax.errors import ConfigError, UserError  # noqa: E402
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def config_file() -> str:
-  """configs/tiny_imagenet.py of this checkout, relative when run from the checkout."""
-  path = os.path.join(REPO_DIR, "configs", "tiny_imagenet.py")
+def config_file(name: str = "tiny_imagenet") -> str:
+  """configs/<name>.py of this checkout, relative when run from the checkout."""
+  path = os.path.join(REPO_DIR, "configs", f"{name}.py")
   relative = os.path.relpath(path)
   return path if relative.startswith("..") else relative
 
@@ -66,16 +66,20 @@ USAGE = __doc__.split("\n\n")[1]
 
 def _define_flags() -> flags.FlagValues:
   fv = flags.FlagValues()
-  flags.DEFINE_string("protocol", "v2", "Protocol of configs/tiny_imagenet.py: v2 | seed.",
+  flags.DEFINE_string("study", "tiny_imagenet", "The config file, configs/<study>.py, taking "
+                      "<arch>_<size>,<protocol>: tiny_imagenet (sizes 10m 20m 30m) or clutter "
+                      "(sizes = fragments per image, protocol clutter).", flag_values=fv)
+  flags.DEFINE_string("protocol", "v2", "Protocol of the config file (tiny_imagenet: v2 | seed).",
                       flag_values=fv)
-  flags.DEFINE_string("sizes", "10m 20m 30m", "Model sizes (spaces or commas).", flag_values=fv)
+  flags.DEFINE_string("sizes", "10m 20m 30m", "Model sizes, or the study's levels (spaces or "
+                      "commas).", flag_values=fv)
   flags.DEFINE_string("archs", "vit diffvit", "Architectures (spaces or commas).",
                       flag_values=fv)
   flags.DEFINE_string("seeds", "0 1 2", "Seeds (spaces or commas); the verdict needs at "
                       "least 3 paired seeds.", flag_values=fv)
   flags.DEFINE_string("root", "runs/tiny_imagenet", "Runs go to ROOT/<protocol>/<arch>_<size>/"
                       "seed<k>.", flag_values=fv)
-  flags.DEFINE_string("reports", "", "Where the report goes (default reports/tiny_imagenet/"
+  flags.DEFINE_string("reports", "", "Where the report goes (default reports/<study>/"
                       "<protocol>).", flag_values=fv)
   flags.DEFINE_string("devices", "", "Slots: '' = the GPUs (CUDA_VISIBLE_DEVICES as given, "
                       "else nvidia-smi -L; the CPU if none), '0,1,2' = those GPUs, 'cpu:N' = N "
@@ -155,7 +159,7 @@ def run_list(fv) -> list[Job]:
       for arch in _words(fv.archs, "archs"):
         workdir = os.path.join(fv.root, fv.protocol, f"{arch}_{size}", f"seed{seed}")
         runs.append(Job(len(runs), arch, size, seed, workdir,
-                        f"{config_file()}:{arch}_{size},{fv.protocol}"))
+                        f"{config_file(fv.study)}:{arch}_{size},{fv.protocol}"))
   return runs
 
 
@@ -252,8 +256,15 @@ def slots(devices: str, gpus_per_run: int) -> tuple[list[Slot], str]:
     count = int(match.group(1) or 1)
     if count < 1:
       raise ConfigError(f"--devices={devices!r}: at least one CPU slot, e.g. cpu:2.")
-    return ([Slot(f"cpu {i}", {"JAX_PLATFORMS": "cpu"}) for i in range(count)],
-            f"{count} CPU slot(s) (--devices={devices}, JAX_PLATFORMS=cpu)")
+    # Each slot's runs on their own share of the cores (cpu_runtime.pin_to_share).
+    shares = cpu_runtime.cpu_shares(count)
+    line = f"{count} CPU slot(s) (--devices={devices}, JAX_PLATFORMS=cpu)"
+    pinned = {}
+    if shares[0]:
+      line += ", cores " + " | ".join(",".join(map(str, s)) for s in shares)
+      pinned = {i: {cpu_runtime.CPU_SHARE_ENV: f"{i}/{count}"} for i in range(count)}
+    return [Slot(f"cpu {i}", {"JAX_PLATFORMS": "cpu", **pinned.get(i, {})})
+            for i in range(count)], line
   if devices.strip():
     gpus, source = [d for d in re.split(r"[\s,]+", devices.strip()) if d], f"--devices={devices}"
   else:
@@ -294,7 +305,9 @@ def write_manifest(runs: list[Job], configs: dict, fv) -> None:
   """<root>/<protocol>/study.json, the study's design, before any run trains (kept if there)."""
   from diffvit_jax.reporting import manifest
 
-  unique = {(r.size, r.arch): (r.size, configs[r.index]) for r in runs}
+  # A study whose family is not over model sizes names its axis (analysis.level).
+  unique = {(r.size, r.arch): (configs[r.index].analysis.level or r.size, configs[r.index])
+            for r in runs}
   design = manifest.from_configs(list(unique.values()), [r.seed for r in runs])
   print(manifest.write(manifest_path(fv), design)[1], flush=True)
 
@@ -546,7 +559,7 @@ def print_plan(runs, fv, overrides, slot_list, slot_line, plans, checks) -> None
                     for what in ("sizes", "archs", "seeds"))
   print(f"Sweep of protocol {fv.protocol}: {len(runs)} runs ({axes}), {slot_line}; "
         f"{len(todo)} to train.")
-  print(f"Every run: {config_file()}:<arch>_<size>,{fv.protocol} --config.train.seed=<k>"
+  print(f"Every run: {config_file(fv.study)}:<arch>_<size>,{fv.protocol} --config.train.seed=<k>"
         f"{' ' + ' '.join(overrides) if overrides else ''}")
   print(f"Status file: {status_path(fv)}; each run's output: <workdir>/{LOG_FILE}")
   if plans:
@@ -697,7 +710,7 @@ def queue(runs: list[Job], configs: dict, slot_list: list[Slot], fv, overrides: 
 # --- The report -----------------------------------------------------------------------------
 
 def reports_dir(fv) -> str:
-  return fv.reports or os.path.join("reports", "tiny_imagenet", fv.protocol)
+  return fv.reports or os.path.join("reports", fv.study, fv.protocol)
 
 
 def write_report(workdirs: list[str], fv) -> int:
@@ -726,8 +739,8 @@ def print_failed(failed: list[dict]) -> None:
 # --- SLURM ----------------------------------------------------------------------------------
 
 def _common_flags(fv, overrides: list[str]) -> list[str]:
-  out = [f"--protocol={fv.protocol}", f"--sizes={fv.sizes}", f"--archs={fv.archs}",
-         f"--seeds={fv.seeds}", f"--root={os.path.abspath(fv.root)}",
+  out = [f"--study={fv.study}", f"--protocol={fv.protocol}", f"--sizes={fv.sizes}",
+         f"--archs={fv.archs}", f"--seeds={fv.seeds}", f"--root={os.path.abspath(fv.root)}",
          f"--reports={os.path.abspath(reports_dir(fv))}", f"--python={fv.python}"]
   if fv.devices.startswith("cpu"):
     out.append(f"--devices={fv.devices}")
@@ -813,7 +826,7 @@ def _run_main(argv: list[str]) -> int:
           f"  jobid=$(sbatch --parsable {shlex.quote(array)})\n"
           f"  sbatch --dependency=afterany:${{jobid%%;*}} {shlex.quote(report)}\n\n"
           f"Follow with: python -m diffvit_jax.tools.sweep --status "
-          f"{' '.join(shlex.quote(a) for a in _common_flags(fv, [])[:5])}")
+          f"{' '.join(shlex.quote(a) for a in _common_flags(fv, [])[:6])}")
     return 0
   if fv.report:
     finished = [r.workdir for r in runs if checks[r.index][0] == 0]
