@@ -97,3 +97,31 @@ def test_other_contractions_are_left_to_dot_general():
   batched = (((2,), (1,)), ((0,), (0,)))  # not a Dense product
   loss = lambda b: jnp.sum(cpu_runtime.dense_dot_general(a, b, batched))
   assert not _uses_the_cpu_form(loss, b)
+
+
+def test_core_shares_are_disjoint_and_a_process_pins_itself_to_its_share():
+  import os
+  import subprocess
+  import sys
+
+  cores = sorted(os.sched_getaffinity(0))
+  shares = cpu_runtime.cpu_shares(2)
+  if len(cores) >= 2:
+    assert sorted(shares[0] + shares[1]) == cores and not set(shares[0]) & set(shares[1])
+  else:
+    assert shares == [(), ()]  # fewer cores than shares: no pinning
+  assert cpu_runtime.cpu_shares(len(cores) + 1) == [()] * (len(cores) + 1)
+  script = ("import os; from diffvit_jax import cpu_runtime; "
+            "print(cpu_runtime.apply_cpu_defaults()['cores'], sorted(os.sched_getaffinity(0)))")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **{cpu_runtime.CPU_SHARE_ENV: "1/2"})
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       check=True).stdout.split("[", 1)
+  if len(cores) >= 2:
+    assert out[0].strip() == str(shares[1]) and "[" + out[1].strip() == str(list(shares[1]))
+  env[cpu_runtime.CPU_SHARE_ENV] = "2/2"
+  bad = subprocess.run([sys.executable, "-m", "diffvit_jax.main", "--config",
+                        "configs/digits.py", "--workdir", "/nonexistent"], env=env,
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
+                           os.path.abspath(__file__))))
+  assert bad.returncode != 0 and "DIFFVIT_CPU_SHARE='2/2'" in bad.stderr
+  assert "Traceback" not in bad.stderr

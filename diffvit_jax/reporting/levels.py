@@ -83,7 +83,8 @@ def attention_rows(comparisons, plan: tables.Plan) -> list[dict]:
 
 
 def _cell(r) -> str:
-  text = f"{100 * r['share_mean']:.1f}"
+  text = f"{100 * r['share_mean']:+.1f}" if r["role"] == "difference" else (
+      f"{100 * r['share_mean']:.1f}")
   if math.isfinite(r["share_low"]):
     text += f" [{100 * r['share_low']:.1f}, {100 * r['share_high']:.1f}]"
   return text
@@ -125,14 +126,15 @@ def accuracy_figure(comparisons, plan: tables.Plan):
   chosen = level_comparisons(comparisons, plan)
   fig, (ax, dx) = plt.subplots(1, 2, figsize=(10, 3.8))
   x = np.array([secondary.level_value(c.model.level) for c in chosen])
-  for role in ("baseline", "model"):
+  dodge = 0.015 * (np.ptp(x) or 1.0)  # the two archs' bars side by side, not on each other
+  for side, role in ((-1, "baseline"), (1, "model")):
     stats = []
     for c in chosen:
       base, mine = tables._per_seed_values(c, tables.PRIMARY_METRIC, c.seeds(plan.seeds))
       stats.append(_interval(base if role == "baseline" else mine))
     group = chosen[0].baseline if role == "baseline" else chosen[0].model
     mean, low, high = (100 * np.array(v) for v in zip(*stats, strict=True))
-    ax.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o", capsize=3,
+    ax.errorbar(x + side * dodge, mean, yerr=[mean - low, high - mean], marker="o", capsize=3,
                 color=plots.COLORS.get(group.arch), label=group.label)
   diffs = [100 * np.array(c.differences(tables.PRIMARY_METRIC, c.seeds(plan.seeds)))
            for c in chosen]
@@ -182,6 +184,7 @@ def attention_figure(rows: list[dict]):
         ax.errorbar(layer, mean, yerr=[mean - low, high - mean], marker="o", capsize=3,
                     color=plots.COLORS.get(mine[0]["arch"]), label=registry.label(mine[0]["arch"]))
         ax.set_xticks(layer)
+      ax.axhline(0, color="grey", lw=0.6)
       if i == 0:
         ax.set_title(level)
       if j == 0:

@@ -153,6 +153,12 @@ def run_list(fv) -> list[Job]:
     seeds = [int(s) for s in _words(fv.seeds, "seeds")]
   except ValueError:
     raise ConfigError(f"--seeds={fv.seeds!r}: seeds are integers, e.g. --seeds='0 1 2'.") from None
+  if not os.path.exists(config_file(fv.study)):
+    known = sorted(n[:-3] for n in os.listdir(os.path.join(REPO_DIR, "configs"))
+                   if n.endswith(".py") and not n.startswith("_"))
+    raise ConfigError(f"--study={fv.study}: there is no configs/{fv.study}.py; the studies are "
+                      f"{', '.join(known)} (tiny_imagenet and clutter take "
+                      "<arch>_<size>,<protocol>).")
   runs = []
   for size in _words(fv.sizes, "sizes"):
     for seed in seeds:
