@@ -43,6 +43,19 @@ def _shares(group, seeds) -> dict[int, dict]:
   return out
 
 
+def _final_lambdas(group, seeds, depth: int) -> list[list[float]]:
+  """Per layer, each seed's last logged lambda (NaN where not logged): 1 - lambda is what
+  the differential map is divided by, so a lambda near 1 amplifies that seed's map."""
+  out = [[] for _ in range(depth)]
+  for run in sorted(group.runs, key=lambda r: r.seed):
+    if run.seed not in seeds:
+      continue
+    for i in range(depth):
+      series = run.scalars.get(f"lambda/layer_{i + 1}")
+      out[i].append(float(series.values[-1]) if series is not None else math.nan)
+  return out
+
+
 def attention_rows(comparisons, plan: tables.Plan) -> list[dict]:
   """Per level, layer, kind and architecture (and the paired difference): share and
   enrichment over the planned seeds, mean and 95% t-interval over seeds."""
@@ -74,11 +87,14 @@ def attention_rows(comparisons, plan: tables.Plan) -> list[dict]:
                            enrichment_mean=float(np.mean(enrich)),
                            per_seed=" ".join(f"{v:.4f}" for v in share)))
     negative = [[mine[s]["layers"][i]["negative"] for s in paired] for i in range(depth)]
+    lambdas = _final_lambdas(c.model, paired, depth)
     rows += [dict(protocol=c.model.protocol, level=c.model.level, layer=i + 1,
                   kind="negative mass", arch=c.model.arch, role="model",
                   seeds=" ".join(map(str, paired)), share_mean=float(np.mean(v)),
                   share_low=math.nan, share_high=math.nan, enrichment_mean=math.nan,
-                  per_seed=" ".join(f"{x:.4f}" for x in v)) for i, v in enumerate(negative)]
+                  per_seed=" ".join(f"{x:.4f}" for x in v),
+                  final_lambda=" ".join(f"{x:.3f}" for x in lambdas[i]))
+             for i, v in enumerate(negative)]
   return rows
 
 
@@ -103,7 +119,7 @@ def attention_markdown(rows: list[dict]) -> str:
   header = ["level", "layer"]
   for kind in ("target", "clutter"):
     header += [f"{b} {kind} %", f"{m} {kind} %", f"{m} − {b} {kind} (pp)"]
-  header.append(f"{m} negative mass %")
+  header += [f"{m} negative mass %", f"{m} final λ per seed"]
   body = []
   for level, layer in keys:
     line = [level, str(layer)]
@@ -111,7 +127,7 @@ def attention_markdown(rows: list[dict]) -> str:
       line += [_cell(index[(level, layer, kind, role)])
                for role in ("baseline", "model", "difference")]
     neg = index.get((level, layer, "negative mass", "model"))
-    line.append(f"{100 * neg['share_mean']:.1f}" if neg else "-")
+    line += [f"{100 * neg['share_mean']:.1f}", neg["final_lambda"]] if neg else ["-", "-"]
     body.append(line)
   return tables.markdown_table(header, body, "ll" + "r" * (len(header) - 2))
 
@@ -191,9 +207,16 @@ def attention_figure(rows: list[dict]):
         ax.set_ylabel(f"attention on {kind} patches (%)")
       if i == len(kinds) - 1:
         ax.set_xlabel("layer")
+  # Each row's range from the means: an interval made huge by a lambda near 1 (a small
+  # 1 - lambda) is cut at the panel's edge instead of flattening every curve of the row.
+  for i, kind in enumerate(kinds):
+    means = [100 * r["share_mean"] for r in rows if r["kind"] == kind and r["role"] != "difference"]
+    low, high = min(means + [0.0]), max(means + [0.0])
+    pad = 0.3 * (high - low) + 5
+    axes[i, 0].set_ylim(low - pad, high + pad)
   axes[0, 0].legend(fontsize=8)
   fig.suptitle("Where attention lands (DiffViT: (A1 − λA2) / (1 − λ)); mean over seeds, "
-               "95% t-interval", fontsize=10)
+               "95% t-interval (cut at the panel's edge)", fontsize=10)
   fig.tight_layout()
   return fig
 
@@ -222,8 +245,10 @@ def sections(comparisons, plan: tables.Plan, out_dir: str, written: dict) -> lis
             "the mass on target and clutter patches, averaged over heads and query tokens, in "
             "%, mean over seeds [95% t-interval over seeds]; the difference is paired by seed. "
             "DiffViT's map is A1 − λA2 divided by its row sum 1 − λ; its negative entries are "
-            "kept, and their mass per row is the last column. Enrichment (the share over the "
-            "patches' fraction) and the empty patches are in attention.csv.\n",
+            "kept, and their mass per row is a column; so is each seed's final λ, since a λ "
+            "near 1 divides that seed's map by a small 1 − λ and dominates the mean. "
+            "Enrichment (the share over the patches' fraction) and the empty patches are in "
+            "attention.csv.\n",
             attention_markdown(rows), "",
             f"![attention share per layer]({os.path.relpath(png, out_dir)})\n"]
   return out

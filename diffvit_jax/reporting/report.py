@@ -141,8 +141,9 @@ def _design_text(plan_: tables.Plan, rows: list[dict]) -> str:
 def _verdict_intro(alpha: float) -> str:
   return (
       "The primary endpoint is the final validation top-1, the differential model minus the "
-      "ViT paired by seed; its two-sided paired t-tests over the sizes of a protocol form one "
-      "family, adjusted by Holm's method (a reading of better or worse needs Holm p < "
+      "ViT paired by seed; its two-sided paired t-tests over the sizes of a protocol (the "
+      "levels, in a study over levels such as the clutter study) form one family, adjusted by "
+      "Holm's method (a reading of better or worse needs Holm p < "
       f"{alpha:g}); the validation loss and every other number are secondary and "
       "descriptive.\n\n"
       "Differences in percentage points of top-1. 'Equivalent' when both one-sided tests of "
@@ -259,7 +260,8 @@ def write_report(workdirs: list[str], out_dir: str, *, margin: float | None = No
                  "because the sizes are the design, not a sample of sizes, and the effect may "
                  "differ between them (the estimate is their average, not a common effect), "
                  "with a Welch-Satterthwaite t-interval. Trend: the least-squares slope of the "
-                 "per-size differences against log10(parameters), same interval. P(model > "
+                 "per-size differences against log10(parameters) (against the level in a "
+                 "study over levels: the interaction), same interval. P(model > "
                  "ViT): the probability that a run of the model beats a run of the ViT, all "
                  "pairs of runs of a size, averaged over sizes, with a percentile bootstrap "
                  f"interval ({verdict.BOOTSTRAP_RESAMPLES} resamples of each architecture's runs "
