@@ -291,7 +291,10 @@ clutter() {  # clutter [seeds] [sweep flags...]: the clutter study (configs/clut
   local seeds="${1:-0 1 2}" levels slots
   shift || true
   levels=$("$PY" -c 'import sys; sys.path.insert(0, "configs"); import clutter; print(*clutter.LEVELS)')
-  slots=$("$PY" -c 'import os; print(len(os.sched_getaffinity(0)))' 2>/dev/null || echo 1)
+  # One slot per core, at most one per 2 GiB of memory (a run holds about 1.6 GiB).
+  slots=$("$PY" -c 'import os
+memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**31
+print(max(1, min(len(os.sched_getaffinity(0)), int(memory))))' 2>/dev/null || echo 1)
   # The sweep: the design in runs/clutter/clutter/study.json first, one run per core (each
   # pinned to its own), finished runs skipped, failures recorded, then the report.
   # shellcheck disable=SC2086

@@ -11,7 +11,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from analysis_runs import rising_evals, write_synthetic_run
+
+from diffvit_jax.reporting import report, secondary, verdict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.width=16", "--config.model.depth=1", "--config.model.mlp_dim=32",
@@ -64,7 +68,7 @@ def test_the_report_gives_the_verdict_per_level_and_the_attention_shares(study):
   assert {(r["level"], r["role"]) for r in shares} == {
       (level, role) for level in ("0 fragments", "8 fragments")
       for role in ("baseline", "model", "difference")}
-  # Per layer and arch, the three shares add up to the whole row (A or (A1 - lambda A2)/(1 - lambda)).
+  # Per layer and arch, the three shares add up to the whole row (A, or its DiffViT form).
   for level in ("0 fragments", "8 fragments"):
     for role in ("baseline", "model"):
       total = sum(float(r["share_mean"]) for r in shares
@@ -82,11 +86,6 @@ def test_the_report_gives_the_verdict_per_level_and_the_attention_shares(study):
 def test_the_interaction_is_the_slope_of_the_paired_difference_against_the_level(tmp_path):
   """Synthetic finished runs at 3 levels x 3 seeds: the trend row is the least-squares slope of
   the per-level mean differences against fragments, per fragment, with a t-interval."""
-  import numpy as np
-
-  from analysis_runs import rising_evals, write_synthetic_run
-  from diffvit_jax.reporting import report, secondary, verdict
-
   workdirs, means = [], []
   for level in (0, 4, 8):
     diffs = []

@@ -21,9 +21,10 @@ import os
 import numpy as np
 
 from diffvit_jax import files
+from diffvit_jax.data import cluttered_digits
 
 ATTENTION_SHARE = "attention_share.json"
-KINDS = ("empty", "clutter", "target")
+KINDS = cluttered_digits.KINDS  # the codes 0, 1, 2 a source's patch_kinds gives
 BATCH = 120
 
 
