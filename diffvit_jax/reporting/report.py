@@ -33,7 +33,7 @@ def _curve_figures(groups, out_dir) -> list[tuple[str, str]]:
     for size in dict.fromkeys(g.size for g in mine):
       at_size = [g for g in mine if g.size == size]
       png, _ = plots.save(plots.size_comparison(at_size, protocol, size),
-                          os.path.join(out_dir, f"curves_{tag}_{size}"))
+                          os.path.join(out_dir, f"curves_{tag}_{size.replace(' ', '_')}"))
       figures.append((f"{size}, protocol {protocol}", png))
     for arch in dict.fromkeys(g.arch for g in mine):
       of_arch = [g for g in mine if g.arch == arch]
@@ -62,7 +62,7 @@ def _robustness_figures(groups, out_dir) -> list[tuple[str, str]]:
   for key in dict.fromkeys((g.protocol, g.size) for g in with_results):
     at_size = [g for g in with_results if (g.protocol, g.size) == key]
     title = f"Corrupted validation set, {key[1]} models, protocol {key[0]}"
-    stem = f"robustness_{key[0] or 'none'}_{key[1]}"
+    stem = f"robustness_{key[0] or 'none'}_{key[1].replace(' ', '_')}"
     png, _ = plots.save(plots.mean_accuracy_vs_severity(at_size, title),
                         os.path.join(out_dir, stem))
     figures.append((title, png))
