@@ -173,8 +173,11 @@ quickstart() {
   for arch in vit diffvit; do
     [ "$shares" -eq 2 ] || break
     if ! wait "${pids[$i]}"; then
+      kill -TERM "${pids[@]}" 2>/dev/null || true  # the other run saves and stops too
+      wait || true
       tail -n 20 "$root/$arch/train.log" >&2
-      echo "training $arch failed, see $root/$arch/train.log" >&2
+      echo "training $arch stopped (interrupted or failed), see $root/$arch/train.log;" \
+        "rerun ./launch.sh quickstart to resume both" >&2
       exit 1
     fi
     i=$((i + 1))
