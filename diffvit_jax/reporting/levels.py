@@ -28,8 +28,12 @@ def _interval(values) -> tuple[float, float, float]:
 
 
 def level_comparisons(comparisons, plan: tables.Plan) -> list[tables.Comparison]:
-  """The matched comparisons with a level, in level order (planned seeds only, see `seeds`)."""
-  chosen = [c for c in comparisons if c.matched and c.model.level]
+  """The matched comparisons with a level, in level order; only the design's family where
+  there is a manifest (as the verdict and the secondary readings)."""
+  planned = ({(p.protocol, p.baseline, p.model) for p in plan.design.family}
+             if plan.design is not None else None)
+  chosen = [c for c in comparisons if c.matched and c.model.level and (
+      planned is None or (c.model.protocol, c.baseline.name, c.model.name) in planned)]
   return sorted(chosen, key=lambda c: (c.model.protocol, c.model.arch,
                                        secondary.level_value(c.model.level)))
 
