@@ -128,6 +128,10 @@ train() {  # train CONFIG WORKDIR [flags...]
   "$PY" -m diffvit_jax.main --config "$config" --workdir "$workdir" "$@" ${EXTRA_ARGS:-}
 }
 
+host_cores() {  # the cores this process may run on (its affinity: a cgroup or SLURM cpuset)
+  "$PY" -c 'import os; print(len(os.sched_getaffinity(0)))' 2>/dev/null || echo 1
+}
+
 progress() {  # progress ROOT PID...: every 15 s, each run's last progress line, while any runs
   local root="$1" line arch n=0
   shift
@@ -150,8 +154,7 @@ quickstart() {
   # Both models at once, each pinned to its own share of the cores where there are two:
   # their tiny steps gain little from a second thread (benchmarks/RESULTS.md, "Quickstart:
   # two runs at once"). Elsewhere one after the other.
-  if [ "$("$PY" -c 'import os; print(len(os.sched_getaffinity(0)))' 2>/dev/null || echo 1)" -ge 2 ]
-  then shares=2; fi
+  if [ "$(host_cores)" -ge 2 ]; then shares=2; fi
   for arch in vit diffvit; do
     mkdir -p "$root/$arch"
     if [ "$shares" -eq 2 ]; then
@@ -295,9 +298,10 @@ clutter() {  # clutter [seeds] [sweep flags...]: the clutter study (configs/clut
   shift || true
   levels=$("$PY" -c 'import sys; sys.path.insert(0, "configs"); import clutter; print(*clutter.LEVELS)')
   # One slot per core, at most one per 2 GiB of memory (a run holds about 1.6 GiB).
-  slots=$("$PY" -c 'import os
-memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**31
-print(max(1, min(len(os.sched_getaffinity(0)), int(memory))))' 2>/dev/null || echo 1)
+  slots=$("$PY" -c 'import os; print(int(os.sysconf("SC_PAGE_SIZE")
+  * os.sysconf("SC_PHYS_PAGES") / 2**31))' 2>/dev/null || echo 1)
+  slots=$(( slots < $(host_cores) ? slots : $(host_cores) ))
+  slots=$(( slots > 0 ? slots : 1 ))
   # The sweep: the design in runs/clutter/clutter/study.json first, one run per core (each
   # pinned to its own), finished runs skipped, failures recorded, then the report.
   # shellcheck disable=SC2086

@@ -14,7 +14,6 @@ Its fields are `config.data.clutter` (`default_config`), recorded with every run
 """
 
 import functools
-import threading
 
 import ml_collections
 import numpy as np
@@ -79,7 +78,8 @@ def _crop_ink(split: str, scale: int, frag: int) -> np.ndarray:
 
 
 class ClutteredDigitsSource:
-  """One split of cluttered digits; pickles as its settings (the digits are re-read)."""
+  """One split of cluttered digits; pickles as its settings (the upscaled digits are module
+  caches, built once per process on first use)."""
 
   class_names = digits.CLASS_NAMES
 
@@ -91,21 +91,12 @@ class ClutteredDigitsSource:
     self.split, self.image_size, self.fragments = split, image_size, fragments
     self.digit_scale, self.fragment_size, self.seed = digit_scale, fragment_size, seed
     self._labels = digits.split_arrays()[split][1]
-    self._lock = threading.Lock()
-
-  def __getstate__(self):
-    return {**self.__dict__, "_lock": None}
-
-  def __setstate__(self, state):
-    self.__dict__.update(state, _lock=threading.Lock())
 
   def __len__(self) -> int:
     return len(self._labels)
 
   def _digits(self) -> np.ndarray:
-    with self._lock:  # grain's reader threads arrive together at the first batch
-      self._crop_ink()
-      return _upscaled(self.split, self.digit_scale)
+    return _upscaled(self.split, self.digit_scale)
 
   def compose(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(gray canvas uint8 [S, S], pixel kinds uint8 [S, S]) of example `index` drawn by `rng`."""

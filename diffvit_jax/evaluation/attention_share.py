@@ -60,12 +60,11 @@ def summarise(per_image: list[dict[str, np.ndarray]]) -> dict:
               fraction=fraction.mean(axis=0).tolist(), negative=float(negative.mean()))
 
 
-def measure(config, params) -> list[dict]:
-  """Per layer, `summarise` over the evaluation split (in batches of BATCH images)."""
+def measure(config, params, source) -> list[dict]:
+  """Per layer, `summarise` over `source` (the evaluation split, in batches of BATCH images)."""
   from diffvit_jax import models
-  from diffvit_jax.data import normalise, sources
+  from diffvit_jax.data import normalise
 
-  source = sources.get_source(config.data, config.data.eval_split)
   patch = config.model.patch_size
   per_layer: list[list[dict]] = [[] for _ in range(config.model.depth)]
   for start in range(0, len(source), BATCH):
@@ -90,7 +89,7 @@ def write_final(state, config, workdir: str, step: int) -> str | None:
   path = os.path.join(workdir, ATTENTION_SHARE)
   if (read(workdir) or {}).get("step") == step:
     return None
-  layers = measure(config, jax.device_get(state.params))
+  layers = measure(config, jax.device_get(state.params), source)
   text = json.dumps(dict(step=step, kinds=list(KINDS), layers=layers), indent=1) + "\n"
   files.write_text(path, text, suffix=f".{os.getpid()}.tmp")
   return path

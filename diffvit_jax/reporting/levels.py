@@ -60,6 +60,11 @@ def _final_lambdas(group, seeds, depth: int) -> list[list[float]]:
   return out
 
 
+def _per_seed(found: dict, seeds, layer: int, field: str, k: int) -> list[float]:
+  """One number of attention_share.json per seed (None, a kind no image has, as NaN)."""
+  return [math.nan if (v := found[s]["layers"][layer][field][k]) is None else v for s in seeds]
+
+
 def attention_rows(comparisons, plan: tables.Plan) -> list[dict]:
   """Per level, layer, kind and architecture (and the paired difference): share and
   enrichment over the planned seeds, mean and 95% t-interval over seeds."""
@@ -71,30 +76,25 @@ def attention_rows(comparisons, plan: tables.Plan) -> list[dict]:
     if not paired:
       continue
     depth = len(base[paired[0]]["layers"])
+    where = dict(protocol=c.model.protocol, level=c.model.level)
+    seed_list = " ".join(map(str, paired))
     for layer in range(depth):
       for k, kind in enumerate(KINDS):
-        for who, found in (("baseline", base), ("model", mine), ("difference", None)):
-          if found is None:
-            share = [mine[s]["layers"][layer]["share"][k] - base[s]["layers"][layer]["share"][k]
-                     for s in paired]
-            enrich = [math.nan]
-            arch = f"{c.model.arch} - {c.baseline.arch}"
-          else:
-            share = [found[s]["layers"][layer]["share"][k] for s in paired]
-            enrich = [found[s]["layers"][layer]["enrichment"][k] for s in paired]
-            enrich = [math.nan if e is None else e for e in enrich]
-            arch = (c.baseline if who == "baseline" else c.model).arch
+        b, m = (_per_seed(found, paired, layer, "share", k) for found in (base, mine))
+        for role, arch, share, enrich in (
+            ("baseline", c.baseline.arch, b, _per_seed(base, paired, layer, "enrichment", k)),
+            ("model", c.model.arch, m, _per_seed(mine, paired, layer, "enrichment", k)),
+            ("difference", f"{c.model.arch} - {c.baseline.arch}",
+             [x - y for x, y in zip(m, b, strict=True)], [math.nan])):
           mean, low, high = _interval(share)
-          rows.append(dict(protocol=c.model.protocol, level=c.model.level, layer=layer + 1,
-                           kind=kind, arch=arch, role=who, seeds=" ".join(map(str, paired)),
-                           share_mean=mean, share_low=low, share_high=high,
+          rows.append(dict(where, layer=layer + 1, kind=kind, arch=arch, role=role,
+                           seeds=seed_list, share_mean=mean, share_low=low, share_high=high,
                            enrichment_mean=float(np.mean(enrich)),
                            per_seed=" ".join(f"{v:.4f}" for v in share)))
     negative = [[mine[s]["layers"][i]["negative"] for s in paired] for i in range(depth)]
     lambdas = _final_lambdas(c.model, paired, depth)
-    rows += [dict(protocol=c.model.protocol, level=c.model.level, layer=i + 1,
-                  kind="negative mass", arch=c.model.arch, role="model",
-                  seeds=" ".join(map(str, paired)), share_mean=float(np.mean(v)),
+    rows += [dict(where, layer=i + 1, kind="negative mass", arch=c.model.arch, role="model",
+                  seeds=seed_list, share_mean=float(np.mean(v)),
                   share_low=math.nan, share_high=math.nan, enrichment_mean=math.nan,
                   per_seed=" ".join(f"{x:.4f}" for x in v),
                   final_lambda=" ".join(f"{x:.3f}" for x in lambdas[i]))
